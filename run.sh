@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One entry point for this repository. Every command installs what is missing first.
+#
+#   ./run.sh reproduce baselines     regenerate results/baselines_cifar10_reduced.md (the main job)
+#   ./run.sh test [pytest args]      the whole test suite (what CI runs)
+#   ./run.sh setup                   only install (Open MPI, .venv, Horovod)
+#   ./run.sh mpirun -np 4 python experiments/baselines.py --config configs/...
+#                                    mpirun with the flags this machine needs; anything a cluster
+#                                    user adds (--hostfile, -H, -x VAR, --map-by) is passed through
+#   ./run.sh python experiments/...  one process, with the project's environment
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")" && pwd)"
+cd "$ROOT"
+export PATH="$ROOT/.venv/bin:$PATH" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+mpirun_flags() {
+  local flags=(--oversubscribe --bind-to none -x PATH -x PYTHONPATH)
+  # Debian's Open MPI refuses to start as root without this; containers and CI run as root.
+  [ "$(id -u)" -eq 0 ] && flags+=(--allow-run-as-root)
+  echo "${flags[@]}"
+}
+
+cmd=${1:-help}; shift || true
+case "$cmd" in
+  setup) tools/setup.sh ;;
+  test)
+    tools/setup.sh
+    exec python -m pytest "${@:--q}" tests ;;
+  reproduce)
+    tools/setup.sh
+    exec python experiments/reproduce.py "$@" ;;
+  mpirun)
+    tools/setup.sh >/dev/null
+    # shellcheck disable=SC2046
+    exec mpirun $(mpirun_flags) "$@" ;;
+  python)
+    tools/setup.sh >/dev/null
+    exec python "$@" ;;
+  help|-h|--help) sed -n '2,13p' "$0" ;;
+  *) echo "run.sh: unknown command '$cmd'" >&2; sed -n '2,13p' "$0" >&2; exit 2 ;;
+esac
