@@ -1,0 +1,131 @@
+"""Regenerate a results table from scratch: every (method, seed) run, then the markdown.
+
+    ./run.sh reproduce baselines            # configs/reproduce/baselines.yaml
+    python experiments/reproduce.py baselines --reuse   # keep finished runs, redo the rest
+
+A table spec (configs/reproduce/<name>.yaml) lists the rows (label, config, overrides),
+the seeds, how many processes each run gets, and which paired differences to report.
+Run directories (TensorBoard included) go under runs/reproduce/<name>/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from swa_lib.run_log import git_commit, library_versions, machine_description  # noqa: E402
+
+
+def launch_command(entry: str, processes: int, config: str, run_dir: Path, overrides: list[str]) -> list[str]:
+    cmd = [sys.executable, str(ROOT / entry), "--config", str(ROOT / config), "--run-dir", str(run_dir), *overrides]
+    if processes > 1:
+        flags = ["--oversubscribe", "--bind-to", "none", "-x", "PATH", "-x", "PYTHONPATH"]
+        if os.geteuid() == 0:
+            flags.append("--allow-run-as-root")
+        cmd = ["mpirun", *flags, "-np", str(processes), *cmd]
+    return cmd
+
+
+def run_all(spec: dict, name: str, reuse: bool) -> dict:
+    base = ROOT / "runs" / "reproduce" / name
+    if base.exists() and not reuse:
+        shutil.rmtree(base)
+    jobs = [(row, seed) for row in spec["rows"] for seed in spec["seeds"]]
+    summaries: dict = {}
+    bar = tqdm(jobs, desc=f"reproduce {name}", unit="run", dynamic_ncols=True)
+    for row, seed in bar:
+        run_dir = base / f"{row['label']}-s{seed}"
+        bar.set_postfix_str(run_dir.name)
+        if not (reuse and (run_dir / "summary.json").exists()):
+            overrides = [f"run.seed={seed}", "run.progress=false", *row.get("overrides", [])]
+            cmd = launch_command(spec["entry"], row.get("processes", spec.get("processes", 1)),
+                                 row["config"], run_dir, overrides)
+            log = base / f"{run_dir.name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "w") as fh:
+                rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+            if rc != 0:
+                tail = log.read_text().splitlines()[-15:]
+                sys.exit(f"reproduce: run {run_dir.name} failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail))
+        summaries[(row["label"], seed)] = json.loads((run_dir / "summary.json").read_text())
+    return summaries
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s: float) -> Path:
+    seeds, rows = spec["seeds"], spec["rows"]
+    lines = [f"# {spec['title']}", "", spec.get("description", "").strip(), "",
+             f"Test accuracy (%) and wall time (s): mean ± sample std over seeds {seeds}.", "",
+             "| method | test acc % | wall time s | per-seed test acc % |", "|---|---|---|---|"]
+    acc = {}
+    for row in rows:
+        label = row["label"]
+        acc[label] = [100 * summaries[(label, s)]["final"]["output/acc"] for s in seeds]
+        wall = [summaries[(label, s)]["final"]["wall_s"] for s in seeds]
+        lines.append(f"| {label} | {mean_std(acc[label])} | {mean_std(wall)} | "
+                     f"{', '.join(f'{a:.2f}' for a in acc[label])} |")
+    if spec.get("paired"):
+        lines += ["", "Paired differences (same seed; percentage points):", "",
+                  "| difference | mean ± std | per seed |", "|---|---|---|"]
+        for a, b in spec["paired"]:
+            diffs = [x - y for x, y in zip(acc[a], acc[b])]
+            lines.append(f"| {a} − {b} | {mean_std(diffs)} | {', '.join(f'{d:+.2f}' for d in diffs)} |")
+    versions = library_versions()
+    lines += ["", "## Provenance", "",
+              f"- command: `{command}` (total {elapsed_s / 60:.1f} min)",
+              f"- commit: `{git_commit()}`",
+              f"- machine: {machine_description()}",
+              f"- date: {dt.date.today().isoformat()}",
+              f"- versions: torch {versions['torch']}, torchvision {versions['torchvision']}, "
+              f"horovod {versions['horovod']}, mpi4py {versions['mpi4py']}",
+              f"- table spec: `configs/reproduce/{name}.yaml`; configs: "
+              + ", ".join(f"`{r['config']}`" + (f" + `{' '.join(r['overrides'])}`" if r.get("overrides") else "")
+                          for r in rows),
+              f"- run directories with TensorBoard logs: `runs/reproduce/{name}/` "
+              f"(`tensorboard --logdir runs/reproduce/{name}`)"]
+    out = ROOT / spec["output"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", help="name of a spec in configs/reproduce/")
+    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished")
+    args = parser.parse_args()
+    spec_path = ROOT / "configs" / "reproduce" / f"{args.table}.yaml"
+    if not spec_path.exists():
+        known = sorted(p.stem for p in spec_path.parent.glob("*.yaml"))
+        print(f"reproduce: no table {args.table!r}; known: {', '.join(known)}", file=sys.stderr)
+        return 2
+    spec = yaml.safe_load(spec_path.read_text())
+    start = time.perf_counter()
+    summaries = run_all(spec, args.table, args.reuse)
+    command = "./run.sh reproduce " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    out = write_table(spec, args.table, summaries, command, time.perf_counter() - start)
+    print(out.read_text())
+    print(f"wrote {out.relative_to(ROOT)}; TensorBoard: tensorboard --logdir runs/reproduce/{args.table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Checkpoints that survive a kill at any moment, for runs of one or many processes.
+
+Layout of a run's checkpoint directory:
+
+    checkpoints/e0003-swa/rank0.pt, rank1.pt, ...   one file per process
+    checkpoints/latest.json                         {"tag": "e0003-swa", "world_size": 4}
+
+Every process saves its own file, because processes can hold different models (SWAP
+phase 2, HWA groups) and always hold different RNG states. Each file is written to a
+temporary name, fsynced and renamed. Only after all processes have written (a
+barrier) does rank 0 atomically replace `latest.json`. A kill at any point therefore
+leaves `latest.json` naming a complete generation, and older generations are deleted
+only after the new pointer is in place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to `path` so that a reader sees either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves and finds checkpoint generations of one run; see the module docstring."""
+
+    def __init__(self, directory: str | Path, comm, keep: int = 2):
+        self.directory = Path(directory)
+        self.comm = comm
+        self.keep = keep
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def save(self, state: dict, tag: str) -> Path:
+        """Write this process's `state` under generation `tag`. Collective: all ranks call it."""
+        gen = self.directory / tag
+        gen.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"format_version": FORMAT_VERSION, **state}, gen / f"rank{self.comm.rank}.pt")
+        self.comm.barrier()  # Distributed: the pointer moves only once every rank's file is on disk
+        if self.comm.rank == 0:
+            atomic_write_text(json.dumps({"tag": tag, "world_size": self.comm.size}), self.directory / "latest.json")
+            self._prune(keep_tag=tag)
+        self.comm.barrier()
+        return gen
+
+    def latest_tag(self) -> str | None:
+        pointer = self.directory / "latest.json"
+        if not pointer.exists():
+            return None
+        info = json.loads(pointer.read_text())
+        if info["world_size"] != self.comm.size:
+            raise RuntimeError(
+                f"checkpoint {self.directory / info['tag']} was written by {info['world_size']} processes, "
+                f"but this run has {self.comm.size}; resume with the same number of processes "
+                f"or start a new run directory (run.resume=false)")
+        return info["tag"]
+
+    def load_latest(self, map_location="cpu") -> dict | None:
+        """This process's state from the newest complete generation, or None if there is none."""
+        tag = self.latest_tag()
+        if tag is None:
+            return None
+        path = self.directory / tag / f"rank{self.comm.rank}.pt"
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
+            raise RuntimeError(f"checkpoint {path} cannot be read ({err}); delete it and "
+                               f"point {self.directory / 'latest.json'} at an older generation") from None
+        if state.get("format_version") != FORMAT_VERSION:
+            raise RuntimeError(f"checkpoint {path} has format {state.get('format_version')}, expected {FORMAT_VERSION}")
+        return state
+
+    def _prune(self, keep_tag: str) -> None:
+        gens = sorted(p for p in self.directory.iterdir() if p.is_dir())
+        old = [g for g in gens if g.name != keep_tag][: max(0, len(gens) - self.keep)]
+        for g in old:
+            shutil.rmtree(g, ignore_errors=True)

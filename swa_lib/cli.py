@@ -1,0 +1,71 @@
+"""The command line every experiment entry point shares.
+
+    mpirun -np 4 python experiments/baselines.py --config configs/x.yaml optim.lr=0.05 run.seed=1
+
+Exit codes: 0 done; 2 bad config (nothing was started); 1 any failure during the run
+(a message names it). Under mpirun a failing rank exits at once, without waiting on
+its peers, and mpirun then stops the whole job instead of letting it hang.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from swa_lib.config import ConfigError, load_config
+
+
+def parse_args(argv, description: str):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML config under configs/")
+    parser.add_argument("--run-dir", help="run directory (default: run.out_dir/<config name>-s<seed>)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 run.seed=1")
+    return parser.parse_args(argv)
+
+
+def default_run_dir(cfg, config_path: str) -> Path:
+    name = cfg.run.name or f"{Path(config_path).stem}-s{cfg.run.seed}"
+    return Path(cfg.run.out_dir) / name
+
+
+def main(argv=None, description: str = "Train with weight averaging.", default_method: str = "sgd") -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv, description)
+    try:
+        cfg = load_config(args.config, args.overrides, default_method=default_method)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    comm = None
+    try:
+        from swa_lib.comm import init_comm
+        from swa_lib.loop import Trainer, pick_device
+        from swa_lib.methods import build_strategy
+        from swa_lib.run_log import RunLogger
+        from swa_lib.workload import Workload
+
+        comm = init_comm(cfg.dist.backend)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, args.config)
+        device = pick_device(cfg, comm)
+        workload = Workload(cfg, device)
+        logger = RunLogger(run_dir, cfg, comm, enabled=comm.rank == 0)
+        trainer = Trainer(cfg, comm, workload, build_strategy(cfg), logger, run_dir)
+        summary = trainer.fit()
+        logger.close()
+        if comm.rank == 0:
+            out = summary["output_name"]
+            print(f"done: {out} test acc {summary['final']['output/acc']:.4f}, wall {summary['final']['wall_s']:.1f} s, "
+                  f"run dir {run_dir} (tensorboard --logdir {run_dir.parent})")
+        comm.shutdown()
+        return 0
+    except Exception as err:  # noqa: BLE001 - the top level reports every failure the same way
+        rank = comm.rank if comm is not None else int(os.environ.get("OMPI_COMM_WORLD_RANK", 0))
+        if os.environ.get("SWA_TRACEBACK"):
+            traceback.print_exc()
+        print(f"error (rank {rank}): {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        if comm is not None and comm.size > 1:
+            # Distributed: peers may be blocked in a collective; exit now, mpirun ends the job.
+            sys.stdout.flush()
+            os._exit(1)
+        return 1

@@ -1,0 +1,301 @@
+"""Typed, validated run configuration: YAML file + dotted command-line overrides.
+
+A config is a tree of dataclasses. Every field has a default and a comment saying
+what it means; `validate` checks the invariants after merging, and collects every
+problem at once so a user fixes their file in one go. Library functions never read a
+global config: the entry point resolves it and passes the pieces down.
+
+The ``method`` section is open: its ``name`` picks a strategy, and the strategy's own
+dataclass (registered in ``swa_lib.methods``) types and validates the other keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. Entry points print it and exit with code 2."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10_jpg"  # cifar10 | cifar10_jpg | cifar100 | tiny_imagenet | imagenet
+    root: str = "../shared/data"  # relative paths are taken from the repo root; env SWA_DATA_ROOT wins
+    cache_dir: str = "~/.cache/swa_lib/data"  # decoded uint8 arrays live here, not in the repo
+    train_subset: int | None = None  # keep this many training images (class-balanced); None = all
+    test_subset: int | None = None  # same for the test split
+    num_classes: int | None = None  # tiny_imagenet: keep the first K classes (reduced configs)
+    augment: str = "cifar"  # cifar (crop 32 pad 4 + flip) | imagenet (random resized crop + flip) | none
+    on_device: bool = False  # GPU: keep the whole uint8 set on the device so loading never starves it
+    num_workers: int = 4  # imagenet streaming loader only
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet9"  # any name in models.available_models()
+    kwargs: dict = field(default_factory=dict)  # passed to the model constructor, e.g. {width: 16}
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # peak learning rate at `lr_reference_batch`
+    lr_reference_batch: int | None = None  # if set, lr scales linearly with the global batch (Goyal et al.)
+    batch_size: int = 128  # per process
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 10  # training budget; every method in a table gets the same one
+    kind: str = "cosine"  # cosine | linear | step | constant | swa_paper
+    warmup_epochs: float = 0.0  # linear warmup from 0 (Goyal et al.), in epochs
+    final_lr_fraction: float = 0.0  # cosine/linear/swa_paper: end LR as a fraction of the peak
+    milestones_epochs: list = field(default_factory=list)  # step: epochs at which lr *= gamma
+    gamma: float = 0.1  # step: decay factor
+    # swa_paper (Izmailov et al. / SWALP code): factor 1 until 50% of reference_epochs, linear
+    # down to final_lr_fraction by 90%, constant after. reference_epochs = swa_start for SWA runs.
+    reference_epochs: float | None = None  # None = epochs
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 1  # evaluate on the test split every N epochs (and always at the end)
+    every_steps: int | None = None  # additionally every N optimizer steps (time-to-target runs)
+    batch_size: int = 500
+    bn_update_batches: int | None = None  # batches used to recompute BN of averaged models; None = one epoch
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto | horovod | torch | single (auto: horovod under mpirun)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0  # one seed drives init, data order and augmentation
+    out_dir: str = "runs"  # run directories go under here
+    name: str | None = None  # run directory name; None = derived from config file and seed
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    channels_last: bool = True  # memory format of model and inputs
+    checkpoint_every_epochs: int = 1  # 0 = only phase boundaries and the end
+    keep_checkpoints: int = 2  # checkpoint generations kept on disk
+    resume: bool = True  # continue from the run directory's latest checkpoint if there is one
+    progress: bool = True  # tqdm bar on rank 0
+    log_every_steps: int = 20  # train scalars to TensorBoard; also how often a NaN loss is checked
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    method: Any = None  # the strategy's own dataclass, filled in by load_config
+
+
+DATASETS = ("cifar10", "cifar10_jpg", "cifar100", "tiny_imagenet", "imagenet")
+AUGMENTS = ("cifar", "imagenet", "none")
+SCHEDULES = ("cosine", "linear", "step", "constant", "swa_paper")
+BACKENDS = ("auto", "horovod", "torch", "single")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# --------------------------------------------------------------------------- loading
+
+def _check_type(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
+    """Coerce `value` to the annotated type where lossless (int -> float), else report."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", ())):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], where, problems)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    base = origin or hint
+    if base is Any:
+        return value
+    if base in (list, dict, str, int, float, bool):
+        ok = isinstance(value, base) and not (base is int and isinstance(value, bool))
+        if not ok:
+            problems.append(f"{where}: expected {base.__name__}, got {value!r} ({type(value).__name__})")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict | None, where: str, problems: list[str]):
+    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types."""
+    data = dict(data or {})
+    at = (lambda key: f"{where}.{key}") if where else (lambda key: key)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            problems.append(f"{at(key)}: unknown key; allowed: {', '.join(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(data[f.name], dict):
+                problems.append(f"{at(f.name)}: expected a mapping, got {data[f.name]!r}")
+                continue
+            kwargs[f.name] = from_dict(hint, data[f.name], at(f.name), problems)
+        else:
+            before = len(problems)
+            value = _check_type(data[f.name], hint, at(f.name), problems)
+            if len(problems) == before:  # on a type error keep the default, so range checks still run
+                kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([f"override {item!r}: expected key.path=value, e.g. optim.lr=0.05"])
+        key, text = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"override {item!r}: {part} is not a section"])
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), default_method: str = "sgd") -> Config:
+    """Read a YAML config, apply overrides, type it and validate it. Raises ConfigError."""
+    from swa_lib.methods import method_config_class  # late: methods import this module
+
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {path}: not found"])
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError([f"config file {path}: not valid YAML ({err})"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"config file {path}: top level must be a mapping"])
+    raw = apply_overrides(raw, list(overrides))
+    problems: list[str] = []
+    method_raw = dict(raw.pop("method", None) or {})
+    method_name = method_raw.pop("name", default_method)
+    cfg = from_dict(Config, raw, "", problems)
+    try:
+        method_cls = method_config_class(method_name)
+        cfg.method = from_dict(method_cls, method_raw, "method", problems)
+    except KeyError as err:
+        problems.append(f"method.name: {err.args[0]}")
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        problems += err.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+def _choice(problems, where, value, allowed):
+    if value not in allowed:
+        problems.append(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(problems, where, value, allow_zero=False, allow_none=False):
+    if value is None and allow_none:
+        return
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        problems.append(f"{where}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: Config) -> None:
+    """Check every invariant of a merged config; raise ConfigError listing all problems."""
+    from models import available_models
+
+    p: list[str] = []
+    _choice(p, "data.dataset", cfg.data.dataset, DATASETS)
+    _choice(p, "data.augment", cfg.data.augment, AUGMENTS)
+    _positive(p, "data.train_subset", cfg.data.train_subset, allow_none=True)
+    _positive(p, "data.test_subset", cfg.data.test_subset, allow_none=True)
+    _positive(p, "data.num_classes", cfg.data.num_classes, allow_none=True)
+    _choice(p, "model.name", cfg.model.name, available_models())
+    _positive(p, "optim.lr", cfg.optim.lr)
+    _positive(p, "optim.batch_size", cfg.optim.batch_size)
+    _positive(p, "optim.lr_reference_batch", cfg.optim.lr_reference_batch, allow_none=True)
+    _positive(p, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
+    if not 0 <= cfg.optim.momentum < 1:
+        p.append(f"optim.momentum: {cfg.optim.momentum!r} must be in [0, 1)")
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        p.append("optim.nesterov: needs optim.momentum > 0")
+    if not 0 <= cfg.optim.label_smoothing < 1:
+        p.append(f"optim.label_smoothing: {cfg.optim.label_smoothing!r} must be in [0, 1)")
+    s = cfg.schedule
+    _positive(p, "schedule.epochs", s.epochs)
+    _choice(p, "schedule.kind", s.kind, SCHEDULES)
+    _positive(p, "schedule.warmup_epochs", s.warmup_epochs, allow_zero=True)
+    if s.warmup_epochs >= s.epochs > 0:
+        p.append(f"schedule.warmup_epochs: {s.warmup_epochs} must be below schedule.epochs ({s.epochs})")
+    if not 0 <= s.final_lr_fraction <= 1:
+        p.append(f"schedule.final_lr_fraction: {s.final_lr_fraction!r} must be in [0, 1]")
+    if s.kind == "step" and not s.milestones_epochs:
+        p.append("schedule.milestones_epochs: a step schedule needs at least one milestone")
+    if sorted(s.milestones_epochs) != list(s.milestones_epochs):
+        p.append(f"schedule.milestones_epochs: {s.milestones_epochs} must be increasing")
+    _positive(p, "schedule.reference_epochs", s.reference_epochs, allow_none=True)
+    _positive(p, "eval.every_epochs", cfg.eval.every_epochs)
+    _positive(p, "eval.every_steps", cfg.eval.every_steps, allow_none=True)
+    _positive(p, "eval.batch_size", cfg.eval.batch_size)
+    _positive(p, "eval.bn_update_batches", cfg.eval.bn_update_batches, allow_none=True)
+    _choice(p, "dist.backend", cfg.dist.backend, BACKENDS)
+    _choice(p, "run.device", cfg.run.device, DEVICES)
+    _positive(p, "run.checkpoint_every_epochs", cfg.run.checkpoint_every_epochs, allow_zero=True)
+    _positive(p, "run.keep_checkpoints", cfg.run.keep_checkpoints)
+    _positive(p, "run.log_every_steps", cfg.run.log_every_steps)
+    validate_method = getattr(cfg.method, "validate", None)
+    if validate_method is not None:
+        p.extend(validate_method(cfg))
+    if p:
+        raise ConfigError(p)
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (for run records and TensorBoard hparams)."""
+    out = dataclasses.asdict(cfg)
+    out["method"] = {"name": cfg.method.name, **dataclasses.asdict(cfg.method)}
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and dicts-as-values become strings (hparams)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out

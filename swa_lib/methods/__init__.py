@@ -1,0 +1,33 @@
+"""Method registry: a method is a config dataclass plus a Strategy subclass.
+
+Adding a method means writing those two and calling `register`; the training loop
+does not change.
+"""
+from __future__ import annotations
+
+from swa_lib.methods.base import Strategy, SGDConfig, DataShard
+from swa_lib.methods.swa import SWA, SWAConfig
+
+_REGISTRY: dict[str, tuple[type, type]] = {}
+
+
+def register(config_cls: type, strategy_cls: type) -> None:
+    """Make `config_cls.name` selectable as `method.name` in configs."""
+    _REGISTRY[config_cls.name] = (config_cls, strategy_cls)
+
+
+def method_config_class(name: str) -> type:
+    if name not in _REGISTRY:
+        raise KeyError(f"{name!r} is not a known method; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name][0]
+
+
+def build_strategy(cfg) -> Strategy:
+    return _REGISTRY[cfg.method.name][1](cfg)
+
+
+register(SGDConfig, Strategy)
+register(SWAConfig, SWA)
+
+__all__ = ["Strategy", "DataShard", "SGDConfig", "SWA", "SWAConfig", "register", "build_strategy",
+           "method_config_class"]

@@ -1,0 +1,92 @@
+"""The hooks the training loop calls, with plain synchronous SGD as the default.
+
+The loop (swa_lib.loop) is written once. A method changes its behaviour only through
+these hooks, in the spirit of AlgoPerf's `update_params` / `prepare_for_eval`:
+
+  setup(ctx)              once, after the model, optimizer and communicator exist
+  data_shard(epoch)       which shard, seed and batch size this process trains on
+  gradient_group()        the process group gradients are averaged over (None: no sync)
+  lr(epoch)               the learning rate at a fractional epoch
+  after_step(step)        after every optimizer step (EMA, LAWA, HWA sync)
+  after_epoch(epoch, m)   after every epoch with the epoch's train metrics (SWA, SWAP)
+  eval_targets()          extra models to evaluate, e.g. the running average
+  output_name             which evaluated model is the method's result
+  finished()              stop the run before the epoch budget (rarely needed)
+  state_dict()/load_state_dict()   everything needed to resume exactly
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DataShard:
+    """What this process trains on: shard `rank` of `count`, data order from `seed`."""
+
+    rank: int
+    count: int
+    seed: int
+    batch_size: int
+
+
+@dataclass
+class SGDConfig:
+    """Plain synchronous data-parallel SGD: the baseline every method is compared to."""
+
+    name: ClassVar[str] = "sgd"
+
+    def validate(self, cfg) -> list[str]:
+        return []
+
+
+class Strategy:
+    """Synchronous data-parallel SGD over the whole world. Subclass to make a method."""
+
+    output_name = "model"  # the training model itself is the result
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.ctx = None
+
+    @property
+    def phase(self) -> str:
+        """A short name for the current phase (logged, and stored in checkpoints)."""
+        return "train"
+
+    def setup(self, ctx) -> None:
+        self.ctx = ctx
+
+    def data_shard(self, epoch: int) -> DataShard:
+        comm = self.ctx.comm
+        return DataShard(comm.rank, comm.size, self.cfg.run.seed, self.cfg.optim.batch_size)
+
+    def gradient_group(self):
+        return self.ctx.comm.world
+
+    def eval_group(self):
+        """Processes that hold the same training model and evaluate it together."""
+        return self.gradient_group() or self.ctx.comm.world
+
+    def lr(self, epoch: float) -> float:
+        return self.ctx.lr_fn(epoch)
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def after_epoch(self, epoch: int, train_metrics: dict) -> None:
+        pass
+
+    def eval_targets(self) -> dict[str, nn.Module]:
+        return {}
+
+    def finished(self) -> bool:
+        return False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

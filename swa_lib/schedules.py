@@ -1,0 +1,60 @@
+"""Learning-rate schedules as pure functions of the epoch (fractional: step / steps_per_epoch).
+
+A pure function of position, not a stateful scheduler object, so that a resumed run
+gets bit-identical learning rates and a strategy (SWA, SWAP phase 2) can take over the
+LR from some point on by wrapping the function.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from swa_lib.config import OptimConfig, ScheduleConfig
+
+LrFn = Callable[[float], float]  # fractional epoch -> learning rate
+
+
+def peak_lr(optim: OptimConfig, global_batch: int) -> float:
+    """Peak LR, scaled linearly with the global batch if a reference batch is given.
+
+    Linear scaling (Goyal et al. 2017) is what SWAP's large-batch phase uses: doubling
+    the batch doubles the LR.
+    """
+    if optim.lr_reference_batch is None:
+        return optim.lr
+    return optim.lr * global_batch / optim.lr_reference_batch
+
+
+def lr_factor(schedule: ScheduleConfig, epoch: float) -> float:
+    """The multiplier on the peak LR at fractional `epoch` (0 <= epoch <= schedule.epochs)."""
+    total = schedule.epochs
+    warm = schedule.warmup_epochs
+    if warm > 0 and epoch < warm:
+        return epoch / warm
+    final = schedule.final_lr_fraction
+    progress = (epoch - warm) / max(total - warm, 1e-12)
+    progress = min(max(progress, 0.0), 1.0)
+    kind = schedule.kind
+    if kind == "constant":
+        return 1.0
+    if kind == "cosine":
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1.0 - (1.0 - final) * progress
+    if kind == "step":
+        passed = sum(1 for m in schedule.milestones_epochs if epoch >= m)
+        return schedule.gamma ** passed
+    if kind == "swa_paper":
+        # Izmailov et al. (SWA) and Yang et al. (SWALP) official scripts.
+        t = epoch / (schedule.reference_epochs or total)
+        if t <= 0.5:
+            return 1.0
+        if t <= 0.9:
+            return 1.0 - (1.0 - final) * (t - 0.5) / 0.4
+        return final
+    raise ValueError(f"schedule.kind: unknown schedule {kind!r}")
+
+
+def build_lr_fn(schedule: ScheduleConfig, peak: float) -> LrFn:
+    """LR as a function of fractional epoch."""
+    return lambda epoch: peak * lr_factor(schedule, epoch)

@@ -1,0 +1,79 @@
+"""A workload owns the data, the model and the loss (as in AlgoPerf); the loop owns the rest."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import data as datasets
+import models
+from swa_lib.config import Config
+from swa_lib.methods.base import DataShard
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IN_MEMORY = {"cifar10", "cifar10_jpg", "cifar100", "tiny_imagenet"}
+
+
+def data_root(cfg: Config) -> Path:
+    """SWA_DATA_ROOT if set, else data.root (relative paths from the repo root)."""
+    root = Path(os.environ.get("SWA_DATA_ROOT") or cfg.data.root).expanduser()
+    return root if root.is_absolute() else (REPO_ROOT / root).resolve()
+
+
+class Workload:
+    """Datasets, loaders and the model of one config, on one device."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.root = data_root(cfg)
+        d = cfg.data
+        self._loaders: dict = {}
+        if d.dataset in IN_MEMORY:
+            kw = dict(root=self.root, cache_dir=Path(d.cache_dir).expanduser(), num_classes=d.num_classes)
+            self.train_set = datasets.load_dataset(d.dataset, split="train", subset=d.train_subset, **kw)
+            self.test_set = datasets.load_dataset(d.dataset, split="test", subset=d.test_subset, **kw)
+            self.num_classes = self.train_set.num_classes
+            self.num_train = len(self.train_set.labels)
+        else:  # imagenet: class folders streamed from disk
+            self.train_set = self.test_set = None
+            self.num_classes = d.num_classes or 1000
+            self.num_train = None
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+
+    def build_model(self) -> nn.Module:
+        model = models.build_model(self.cfg.model.name, self.num_classes, **self.cfg.model.kwargs)
+        model = model.to(self.device)
+        if self.cfg.run.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def train_loader(self, shard: DataShard):
+        """Training batches of `shard`; cached, so a phase switch costs nothing the second time."""
+        key = ("train", shard)
+        if key not in self._loaders:
+            self._loaders[key] = self._make(train=True, rank=shard.rank, count=shard.count,
+                                            seed=shard.seed, batch_size=shard.batch_size)
+        return self._loaders[key]
+
+    def test_loader(self, rank: int, count: int):
+        key = ("test", rank, count)
+        if key not in self._loaders:
+            self._loaders[key] = self._make(train=False, rank=rank, count=count, seed=0,
+                                            batch_size=self.cfg.eval.batch_size)
+        return self._loaders[key]
+
+    def _make(self, *, train, rank, count, seed, batch_size):
+        d = self.cfg.data
+        if d.dataset in IN_MEMORY:
+            loader_device = self.device if d.on_device else "cpu"
+            return datasets.ShardedLoader(
+                self.train_set if train else self.test_set, batch_size, train=train,
+                augment=(None if d.augment == "none" else d.augment) if train else None,
+                shard_rank=rank, shard_count=count, seed=seed, device=loader_device,
+                channels_last=self.cfg.run.channels_last)
+        return datasets.build_image_folder_loader(
+            self.root / "imagenet", "train" if train else "val", batch_size, train=train,
+            shard_rank=rank, shard_count=count, seed=seed, num_workers=d.num_workers)
