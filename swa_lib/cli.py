@@ -30,6 +30,18 @@ def default_run_dir(cfg, config_path: str) -> Path:
     return Path(cfg.run.out_dir) / name
 
 
+def build_trainer(cfg, comm, run_dir: Path):
+    """Everything a run needs, wired together: device, workload, logger, strategy, loop."""
+    from swa_lib.loop import Trainer, pick_device
+    from swa_lib.methods import build_strategy
+    from swa_lib.run_log import RunLogger
+    from swa_lib.workload import Workload
+
+    workload = Workload(cfg, pick_device(cfg, comm))
+    logger = RunLogger(run_dir, cfg, comm, enabled=comm.rank == 0)
+    return Trainer(cfg, comm, workload, build_strategy(cfg), logger, run_dir)
+
+
 def main(argv=None, description: str = "Train with weight averaging.", default_method: str = "sgd") -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv, description)
     try:
@@ -40,20 +52,17 @@ def main(argv=None, description: str = "Train with weight averaging.", default_m
     comm = None
     try:
         from swa_lib.comm import init_comm
-        from swa_lib.loop import Trainer, pick_device
-        from swa_lib.methods import build_strategy
-        from swa_lib.run_log import RunLogger
-        from swa_lib.workload import Workload
 
         comm = init_comm(cfg.dist.backend)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, args.config)
-        device = pick_device(cfg, comm)
-        workload = Workload(cfg, device)
-        logger = RunLogger(run_dir, cfg, comm, enabled=comm.rank == 0)
-        trainer = Trainer(cfg, comm, workload, build_strategy(cfg), logger, run_dir)
+        trainer = build_trainer(cfg, comm, run_dir)
         summary = trainer.fit()
-        logger.close()
-        if comm.rank == 0:
+        trainer.logger.close()
+        if "stopped_at_epoch" in summary:
+            if comm.rank == 0:
+                print(f"paused after epoch {summary['stopped_at_epoch']} (run.stop_after_epochs); "
+                      f"run the same command again to continue from {run_dir}")
+        elif comm.rank == 0:
             out = summary["output_name"]
             print(f"done: {out} test acc {summary['final']['output/acc']:.4f}, wall {summary['final']['wall_s']:.1f} s, "
                   f"run dir {run_dir} (tensorboard --logdir {run_dir.parent})")

@@ -94,6 +94,7 @@ class RunConfig:
     checkpoint_every_epochs: int = 1  # 0 = only phase boundaries and the end
     keep_checkpoints: int = 2  # checkpoint generations kept on disk
     resume: bool = True  # continue from the run directory's latest checkpoint if there is one
+    stop_after_epochs: int | None = None  # end this invocation after N epochs (job time limits); resume continues
     progress: bool = True  # tqdm bar on rank 0
     log_every_steps: int = 20  # train scalars to TensorBoard; also how often a NaN loss is checked
 
@@ -130,6 +131,11 @@ def _check_type(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
         return _check_type(value, inner[0], where, problems)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML follows YAML 1.1, which reads 5e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     base = origin or hint
     if base is Any:
         return value
@@ -275,6 +281,7 @@ def validate(cfg: Config) -> None:
     _positive(p, "run.checkpoint_every_epochs", cfg.run.checkpoint_every_epochs, allow_zero=True)
     _positive(p, "run.keep_checkpoints", cfg.run.keep_checkpoints)
     _positive(p, "run.log_every_steps", cfg.run.log_every_steps)
+    _positive(p, "run.stop_after_epochs", cfg.run.stop_after_epochs, allow_none=True)
     validate_method = getattr(cfg.method, "validate", None)
     if validate_method is not None:
         p.extend(validate_method(cfg))

@@ -142,12 +142,14 @@ class Trainer:
         epochs = self.cfg.schedule.epochs
         bar = tqdm(total=epochs, initial=self.ctx.epoch, desc="epochs", unit="ep", dynamic_ncols=True,
                    disable=not (self.rank0 and self.cfg.run.progress), mininterval=1.0)
-        while self.ctx.epoch < epochs and not self.strategy.finished():
+        stop_at = epochs if self.cfg.run.stop_after_epochs is None else min(
+            epochs, self.ctx.epoch + self.cfg.run.stop_after_epochs)
+        while self.ctx.epoch < stop_at and not self.strategy.finished():
             phase_before = self.strategy.phase
             metrics = self._train_epoch(self.ctx.epoch)
             self.ctx.epoch += 1
             self.strategy.after_epoch(self.ctx.epoch - 1, metrics)
-            last = self.ctx.epoch == epochs or self.strategy.finished()
+            last = self.ctx.epoch == stop_at or self.strategy.finished()
             if last or self.ctx.epoch % self.cfg.eval.every_epochs == 0:
                 results = self.evaluate()
                 bar.set_postfix({k: f"{v['acc']:.4f}" for k, v in results.items()}, refresh=False)
@@ -156,6 +158,9 @@ class Trainer:
                 self.save_checkpoint()
             bar.update(1)
         bar.close()
+        if self.ctx.epoch < epochs and not self.strategy.finished():
+            return {"output_name": self.strategy.output_name, "stopped_at_epoch": self.ctx.epoch,
+                    "final": {}}  # paused: the checkpoint above lets the next invocation continue
         return self._finish()
 
     def _train_epoch(self, epoch: int) -> dict:

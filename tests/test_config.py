@@ -31,6 +31,12 @@ def test_int_is_accepted_where_float_is_expected(tmp_path):
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
 
 
+def test_yaml11_exponent_without_dot_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  weight_decay: 5e-4\n")  # PyYAML alone would give the string '5e-4'
+    assert load_config(path).optim.weight_decay == 5e-4
+
+
 @pytest.mark.parametrize("override, field, words", [
     ("optim.lr=-1", "optim.lr", "must be > 0"),
     ("optim.batch_size=abc", "optim.batch_size", "expected int"),

@@ -1,0 +1,124 @@
+"""The training loop on real CIFAR-10 (a small subset): resume, SWA, NaN guard, exported weights."""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from swa_lib.averaging import update_bn_
+from swa_lib.cli import build_trainer
+from swa_lib.comm import init_comm
+from swa_lib.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = ["data.dataset=cifar10_jpg", "data.train_subset=320", "data.test_subset=200",
+        "model.name=resnet9", "model.kwargs={width: 8}", "optim.batch_size=32", "optim.lr=0.05",
+        "schedule.epochs=3", "eval.batch_size=100", "eval.bn_update_batches=3", "run.progress=false",
+        "run.log_every_steps=4"]
+SWA = ["method.name=swa", "method.swa_start_epoch=1", "method.swa_lr=0.02"]
+
+
+def make(tmp_path, name, *extra):
+    cfg = load_config(None, TINY + SWA + list(extra))
+    return build_trainer(cfg, init_comm("single"), tmp_path / name)
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    straight = make(tmp_path, "straight")
+    straight.fit()
+    first = make(tmp_path, "resumed", "run.stop_after_epochs=1")
+    first.fit()
+    assert first.ctx.epoch == 1
+    second = make(tmp_path, "resumed")  # fresh objects, as after a kill
+    second.fit()
+    assert second.ctx.step == straight.ctx.step
+    for (name, a), b in zip(straight.ctx.model.state_dict().items(), second.ctx.model.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    for a, b in zip(straight.strategy.average.parameters(), second.strategy.average.parameters()):
+        assert torch.equal(a, b)
+    assert straight.history[-1]["results"] == second.history[-1]["results"]
+
+
+def test_swa_is_the_equal_mean_of_the_epoch_end_weights(tmp_path):
+    trainer = make(tmp_path, "swa")
+    snapshots = []
+    after_epoch = trainer.strategy.after_epoch
+
+    def record(epoch, metrics):
+        after_epoch(epoch, metrics)
+        snapshots.append([p.detach().clone() for p in trainer.ctx.model.parameters()])
+
+    trainer.strategy.after_epoch = record
+    trainer.fit()
+    assert len(snapshots) == 3 and trainer.strategy.average.n_averaged.item() == 3  # swa_start_epoch=1
+    for i, p in enumerate(trainer.strategy.average.module.parameters()):
+        want = torch.stack([s[i] for s in snapshots]).mean(0)
+        torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
+
+
+def test_swa_learning_rate_takes_over_at_swa_start(tmp_path):
+    trainer = make(tmp_path, "lr", "method.swa_start_epoch=2", "schedule.kind=cosine")
+    s = trainer.strategy
+    assert s.lr(0.5) == pytest.approx(trainer.ctx.lr_fn(0.5))
+    assert s.lr(2.0) == pytest.approx(0.02) and s.lr(2.7) == pytest.approx(0.02)
+
+
+def test_exported_weights_load_into_a_plain_model_and_give_the_reported_accuracy(tmp_path):
+    trainer = make(tmp_path, "export")
+    summary = trainer.fit()
+    state = torch.load(tmp_path / "export" / "final_model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)
+    plain = models.build_model("resnet9", 10, width=8).to(memory_format=torch.channels_last)
+    plain.load_state_dict(state, strict=True)
+    # Re-evaluate independently of the loop: this is the accuracy the summary must report.
+    plain.eval()
+    correct = count = 0
+    with torch.no_grad():
+        for x, y in trainer.workload.test_loader(0, 1):
+            correct += (plain(x).argmax(1) == y).sum().item()
+            count += len(y)
+    assert count == 200
+    assert summary["final"]["output/acc"] == pytest.approx(correct / count)
+    assert summary["output_name"] == "swa"
+    info = json.loads((tmp_path / "export" / "run_info.json").read_text())
+    assert info["config"]["method"]["name"] == "swa" and info["world_size"] == 1 and info["git_commit"]
+    assert (tmp_path / "export" / "tb").is_dir()
+
+
+def test_update_bn_on_one_process_matches_a_hand_computed_cumulative_average():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    batches = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+    update_bn_(model, batches)
+    feats = [model[0](b).detach() for b in batches]
+    want_mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    want_var = torch.stack([f.var((0, 2, 3), unbiased=True) for f in feats]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, want_mean)
+    torch.testing.assert_close(model[1].running_var, want_var)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_nan_loss_stops_with_a_diagnostic_and_keeps_the_last_checkpoint(tmp_path):
+    cmd = [sys.executable, str(ROOT / "experiments" / "baselines.py"), "--config",
+           str(ROOT / "configs" / "baselines" / "cifar10_resnet9_sgd_reduced.yaml"), "--run-dir", str(tmp_path / "r"),
+           *TINY]
+    ok = subprocess.run(cmd + ["run.stop_after_epochs=1"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    ckpt_dir = tmp_path / "r" / "checkpoints"
+    pointer = json.loads((ckpt_dir / "latest.json").read_text())
+    saved = ckpt_dir / pointer["tag"] / "rank0.pt"
+    before = _sha(saved)
+    bad = subprocess.run(cmd + ["optim.lr=1.0e+6"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1
+    assert "NonFiniteLossError" in bad.stderr and "last good checkpoint" in bad.stderr, bad.stderr
+    assert json.loads((ckpt_dir / "latest.json").read_text()) == pointer
+    assert _sha(saved) == before
+    torch.load(saved, weights_only=False)  # still readable
