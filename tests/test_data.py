@@ -1,0 +1,425 @@
+"""Tests of data/: real-data loaders against lossless originals, sharding and augmentation oracles."""
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+import json
+import os
+import pickle
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+import data
+from data.augmentation import draw_epoch_plan, flip_where, resized_crop, translate_crop
+from data.cifar10_jpg import CLASSES as CIFAR10_CLASSES
+from data.dataset import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, class_balanced_order
+
+DATA_ROOT = Path(os.environ.get("SWA_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data")
+TINY_TAR = DATA_ROOT / "tiny-imagenet" / "tiny-imagenet-200-trainval.tar.xz"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    # The first decode of the JPEG copy dominates this file's time; SWA_DATA_CACHE keeps it across runs.
+    return Path(os.environ.get("SWA_DATA_CACHE") or tmp_path_factory.mktemp("swa_data_cache"))
+
+
+@pytest.fixture(scope="session")
+def cifar_train(cache_dir):
+    return data.load_dataset("cifar10_jpg", DATA_ROOT, "train", cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def cifar_test(cache_dir):
+    return data.load_dataset("cifar10_jpg", DATA_ROOT, "test", cache_dir=cache_dir)
+
+
+def make_dataset(num=103, channels=3, size=8, seed=0) -> data.ArrayDataset:
+    """Random images whose label is their index, so every yielded sample names itself."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (num, channels, size, size), dtype=torch.uint8, generator=g)
+    return data.ArrayDataset(images, torch.arange(num), num, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), "synthetic")
+
+
+def normalise(images: torch.Tensor, ds: data.ArrayDataset) -> torch.Tensor:
+    mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def epoch_batches(loader, epoch):
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def first_batches(loader, epoch, count=3):
+    loader.set_epoch(epoch)
+    return list(itertools.islice(loader, count))
+
+
+# ---------------------------------------------------------------- CIFAR-10, the JPEG copy
+
+def test_cifar10_jpg_counts_per_class(cifar_train, cifar_test):
+    for ds, per_class in ((cifar_train, 5000), (cifar_test, 1000)):
+        assert ds.images.shape == (10 * per_class, 3, 32, 32) and ds.images.dtype == torch.uint8
+        assert torch.bincount(ds.labels, minlength=10).tolist() == [per_class] * 10
+        assert ds.num_classes == 10 and ds.class_names == CIFAR10_CLASSES
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
+    return 10 * np.log10(255.0 ** 2 / mse)
+
+
+def test_cifar10_jpg_matches_lossless_originals(cifar_train, cifar_test):
+    folder = DATA_ROOT / "cifar10" / "lossless_subset"
+    # Each sheet row is one image: 1024 RGB pixels in raster order.
+    sheet = lambda n: np.asarray(Image.open(folder / f"cifar10_batch_{n}.png").convert("RGB")
+                                 ).reshape(1000, 32, 32, 3).transpose(0, 3, 1, 2)
+    labels = json.loads(re.search(r"\[.*\]", (folder / "cifar10_labels.js").read_text(), re.S).group(0))
+    assert cifar_train.labels[:2000].tolist() == labels[:2000]
+    assert cifar_test.labels[:1000].tolist() == labels[50000:51000]
+    for ours, original in ((cifar_train.images[:2000].numpy(), np.concatenate([sheet(0), sheet(1)])),
+                           (cifar_test.images[:1000].numpy(), sheet(50))):
+        psnr = psnr_db(ours, original)
+        assert psnr.mean() > 25
+        # A misplaced image scores below 19 dB against its neighbour here; the worst true pair is 23 dB.
+        assert psnr.min() > 20
+
+
+def test_cifar10_mean_std_constants_match_the_data(cifar_train):
+    # Exact moments from per-channel histograms of the 0..255 values.
+    values = torch.arange(256, dtype=torch.float64) / 255
+    for c in range(3):
+        counts = torch.bincount(cifar_train.images[:, c].reshape(-1), minlength=256).double()
+        mean = (counts * values).sum() / counts.sum()
+        std = ((counts * (values - mean) ** 2).sum() / counts.sum()).sqrt()
+        assert abs(mean.item() - CIFAR10_MEAN[c]) < 3e-3 and abs(std.item() - CIFAR10_STD[c]) < 3e-3
+
+
+def test_subset_and_num_classes(cifar_train, cache_dir):
+    small = data.load_dataset("cifar10_jpg", DATA_ROOT, "train", cache_dir=cache_dir, subset=1003)
+    labels = cifar_train.labels.numpy()
+    expected = np.sort(np.concatenate([np.flatnonzero(labels == c)[:100 + (c < 3)] for c in range(10)]))
+    assert torch.equal(small.images, cifar_train.images[expected])
+    assert torch.equal(small.labels, cifar_train.labels[expected])
+    three = data.load_dataset("cifar10_jpg", DATA_ROOT, "test", cache_dir=cache_dir, num_classes=3)
+    assert three.num_classes == 3 and len(three) == 3000 and int(three.labels.max()) == 2
+
+
+def test_class_balanced_order_prefixes_are_balanced():
+    labels = np.array([2, 2, 0, 2, 1, 0, 2, 2, 1, 0, 2, 2])
+    order = class_balanced_order(labels)
+    assert sorted(order.tolist()) == list(range(len(labels)))
+    assert order[:6].tolist() == [2, 4, 0, 5, 8, 1]  # 1st of classes 0,1,2 then 2nd of each
+    for k in range(1, len(labels) + 1):
+        chosen = order[:k]
+        counts = np.bincount(labels[chosen], minlength=3)
+        available = np.bincount(labels, minlength=3)
+        assert counts.max() - counts[counts < available].min(initial=counts.max()) <= 1
+        for c in range(3):  # within a class, the dataset's own order
+            assert sorted(chosen[labels[chosen] == c].tolist()) == np.flatnonzero(labels == c)[:counts[c]].tolist()
+
+
+def copy_index(tmp: Path, edit=None) -> Path:
+    folder = tmp / "cifar10"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = gzip.decompress((DATA_ROOT / "cifar10" / "cifar10_jpg_index.csv.gz").read_bytes()).decode().splitlines()
+    if edit:
+        lines = edit(lines)
+    (folder / "cifar10_jpg_index.csv.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    return folder
+
+
+def test_missing_files_raise_naming_the_path(tmp_path, cache_dir):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "cifar10" / "cifar10_jpg.tar.xz"))):
+        data.load_dataset("cifar10_jpg", tmp_path, "train", cache_dir=cache_dir)
+    for name, folder in (("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")):
+        with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / folder))) as err:
+            data.load_dataset(name, tmp_path, "train", download=False)
+        assert "cifar10_jpg" in str(err.value)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "tiny-imagenet"))):
+        data.load_dataset("tiny_imagenet", tmp_path, "train", cache_dir=cache_dir)
+    folder = tmp_path / "no_csv" / "cifar10"
+    folder.mkdir(parents=True)
+    (folder / "cifar10_jpg.tar.xz").symlink_to(DATA_ROOT / "cifar10" / "cifar10_jpg.tar.xz")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(folder / "cifar10_jpg_index.csv.gz"))):
+        data.load_dataset("cifar10_jpg", tmp_path / "no_csv", "train", cache_dir=cache_dir)
+
+
+def test_truncated_tar_raises_naming_the_path(tmp_path, cache_dir, cifar_train):
+    # Same cache dir as the good copy: a cache keyed by file name alone would hide the damage.
+    folder = copy_index(tmp_path)
+    real = (DATA_ROOT / "cifar10" / "cifar10_jpg.tar.xz").read_bytes()
+    (folder / "cifar10_jpg.tar.xz").write_bytes(real[: len(real) // 12])
+    with pytest.raises(data.DatasetError, match=re.escape(str(folder / "cifar10_jpg.tar.xz"))):
+        data.load_dataset("cifar10_jpg", tmp_path, "train", cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize("edit", ["label", "label_and_class"])
+def test_mislabelled_index_raises_naming_the_path(tmp_path, cache_dir, cifar_train, edit):
+    def relabel(lines):
+        split, orig, label, cls, path = lines[5].split(",")
+        wrong = (int(label) + 1) % 10
+        lines[5] = ",".join([split, orig, str(wrong), cls if edit == "label" else CIFAR10_CLASSES[wrong], path])
+        return lines
+    folder = copy_index(tmp_path, relabel)
+    (folder / "cifar10_jpg.tar.xz").symlink_to(DATA_ROOT / "cifar10" / "cifar10_jpg.tar.xz")
+    with pytest.raises(data.DatasetError, match=re.escape(str(folder / "cifar10_jpg_index.csv.gz")) + ".*line 6"):
+        data.load_dataset("cifar10_jpg", tmp_path, "train", cache_dir=cache_dir)
+
+
+# ---------------------------------------------------------------- CIFAR pickles (written here)
+
+def write_fake_cifar(root: Path, name: str, images: dict, labels: dict) -> None:
+    """The official layout and dict keys; 'data' rows are R, G, B planes written out by hand."""
+    if name == "cifar100":
+        folder, files, meta_name = root / "cifar-100-python", {"train": ["train"], "test": ["test"]}, "meta"
+        meta = {"fine_label_names": [f"fine{i}" for i in range(100)],
+                "coarse_label_names": [f"coarse{i}" for i in range(20)]}
+    else:
+        folder, meta_name = root / "cifar-10-batches-py", "batches.meta"
+        files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+        meta = {"label_names": list(CIFAR10_CLASSES), "num_cases_per_batch": 4, "num_vis": 3072}
+    folder.mkdir(parents=True)
+    with open(folder / meta_name, "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    for split, names in files.items():
+        for part, file_name in zip(np.array_split(np.arange(len(labels[split])), len(names)), names):
+            rows = [np.concatenate([images[split][i][c].reshape(-1) for c in range(3)]) for i in part]
+            batch = {"batch_label": f"fake {split}", "filenames": [f"img_{i}.png" for i in part],
+                     "data": np.array(rows, dtype=np.uint8)}
+            if name == "cifar100":
+                batch.update(fine_labels=[int(labels[split][i]) for i in part],
+                             coarse_labels=[int(labels[split][i]) // 5 for i in part])
+            else:
+                batch["labels"] = [int(labels[split][i]) for i in part]
+            if split == "test":  # as a Python 3 writer would: bytes keys
+                batch = {k.encode(): v for k, v in batch.items()}
+            with open(folder / file_name, "wb") as f:
+                pickle.dump(batch, f, protocol=2)
+
+
+@pytest.mark.parametrize("name,num_classes", [("cifar100", 100), ("cifar10", 10)])
+def test_cifar_pickle_loader_on_official_format(tmp_path, name, num_classes):
+    rng = np.random.default_rng(1)
+    counts = {"train": 20, "test": 10}
+    images = {s: rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8) for s, n in counts.items()}
+    labels = {s: rng.integers(0, num_classes, n) for s, n in counts.items()}
+    write_fake_cifar(tmp_path, name, images, labels)
+    for split in counts:
+        ds = data.load_dataset(name, tmp_path, split)
+        assert np.array_equal(ds.images.numpy(), images[split])
+        assert ds.labels.tolist() == labels[split].tolist()
+        assert ds.num_classes == num_classes and len(ds.class_names) == num_classes
+        assert ds.mean == data.STATS[name][0]
+
+
+# ---------------------------------------------------------------- sharding and order
+
+@pytest.mark.parametrize("augment", [None, "cifar", "imagenet"])
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_shards_together_equal_one_process_with_the_global_batch(augment, shards):
+    ds, batch = make_dataset(), 4
+    single = data.ShardedLoader(ds, batch * shards, train=True, augment=augment, seed=3)
+    loaders = [data.ShardedLoader(ds, batch, train=True, augment=augment, shard_rank=r,
+                                  shard_count=shards, seed=3) for r in range(shards)]
+    assert {len(l) for l in loaders} == {len(single)} == {len(ds) // (batch * shards)}
+    for epoch in (0, 1):
+        per_shard = [epoch_batches(l, epoch) for l in loaders]
+        reference = epoch_batches(single, epoch)
+        for i, (x_ref, y_ref) in enumerate(reference):
+            assert torch.equal(torch.cat([b[i][1] for b in per_shard]), y_ref)
+            assert torch.equal(torch.cat([b[i][0] for b in per_shard]), x_ref)
+        seen = torch.cat([y for _, y in reference])
+        assert len(seen.unique()) == len(seen) == len(ds) - len(ds) % (batch * shards)
+
+
+def test_same_seed_and_epoch_repeat_other_seeds_and_epochs_differ():
+    ds = make_dataset()
+    make = lambda seed: data.ShardedLoader(ds, 8, train=True, augment="cifar", seed=seed)
+    first, again = epoch_batches(make(0), 5), epoch_batches(make(0), 5)  # a fresh loader = a resumed run
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    order = lambda batches: torch.cat([y for _, y in batches])
+    assert not torch.equal(order(first), order(epoch_batches(make(1), 5)))
+    assert not torch.equal(order(first), order(epoch_batches(make(0), 6)))
+
+
+@pytest.mark.parametrize("num,shards", [(103, 1), (103, 2), (103, 3), (103, 4), (3, 4)])
+def test_eval_shards_cover_every_example_once(num, shards):
+    ds = make_dataset(num)
+    loaders = [data.ShardedLoader(ds, 8, train=False, augment=None, shard_rank=r, shard_count=shards,
+                                  channels_last=True) for r in range(shards)]
+    batches = [b for l in loaders for b in l]
+    assert sum(len(l) for l in loaders) == len(batches)
+    y = torch.cat([y for _, y in batches])
+    assert sorted(y.tolist()) == list(range(len(ds)))
+    x = torch.cat([x for x, _ in batches])
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in batches)
+    assert torch.allclose(x, normalise(ds.images[y], ds), atol=1e-5)
+    ds = make_dataset()
+    with pytest.raises(ValueError, match="augment"):
+        data.ShardedLoader(ds, 8, train=False, augment="cifar")
+
+
+# ---------------------------------------------------------------- augmentation oracles
+
+def test_translate_crop_equals_padded_slice_by_hand():
+    images = torch.arange(2 * 3 * 6 * 6, dtype=torch.int64).reshape(2, 3, 6, 6).to(torch.uint8)
+    offsets = torch.tensor([[0, 0], [3, 1]])
+    out = translate_crop(images, offsets, padding_px=2)
+    # Offset (0, 0) shifts the image down-right by 2: two zero rows and columns, then image[:4, :4].
+    assert (out[0, :, :2, :] == 0).all() and (out[0, :, :, :2] == 0).all()
+    assert torch.equal(out[0, :, 2:, 2:], images[0, :, :4, :4])
+    padded = np.pad(images[1].numpy(), ((0, 0), (2, 2), (2, 2)))
+    assert np.array_equal(out[1].numpy(), padded[:, 3:9, 1:7])
+    assert torch.equal(flip_where(out, torch.tensor([True, False]))[0], torch.flip(out[0], dims=[-1]))
+
+
+def test_loader_batch_equals_its_plan_applied_by_hand():
+    ds = make_dataset(num=40, size=32)
+    loader = data.ShardedLoader(ds, 10, train=True, augment="cifar", shard_rank=1, shard_count=2, seed=7)
+    loader.set_epoch(2)
+    plan = loader.epoch_plan(2)
+    x, y = next(iter(loader))
+    assert torch.equal(y, plan.order[10:20])  # shard 1's chunk of global batch 0
+    for row, k in enumerate(y.tolist()):
+        top, left = plan.crop[k].tolist()
+        expected = F.pad(ds.images[k], (4, 4, 4, 4))[:, top:top + 32, left:left + 32]
+        if plan.flip[k]:
+            expected = torch.flip(expected, dims=[-1])
+        assert torch.allclose(x[row], normalise(expected[None], ds)[0], atol=1e-5)
+
+
+def test_resized_crop_matches_torchvision_and_flip():
+    images = torch.rand(3, 3, 20, 24) * 255
+    full = torch.tensor([[0, 0, 20, 24]] * 3)
+    no_flip, flip = torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
+    assert torch.allclose(resized_crop(images, full, no_flip, (20, 24)), images, atol=1e-3)
+    assert torch.allclose(resized_crop(images, full, flip, (20, 24)), torch.flip(images, dims=[-1]), atol=1e-3)
+    boxes = torch.tensor([[3, 5, 9, 14], [0, 10, 20, 7], [11, 0, 6, 6]])
+    out = resized_crop(images, boxes, torch.tensor([False, True, False]), (20, 24))
+    for i, (top, left, h, w) in enumerate(boxes.tolist()):
+        expected = TF.resized_crop(images[i], top, left, h, w, [20, 24], antialias=False)
+        expected = torch.flip(expected, dims=[-1]) if i == 1 else expected
+        assert torch.allclose(out[i], expected, atol=1e-2)
+
+
+def test_augmentation_draws_have_the_intended_distribution():
+    plan = draw_epoch_plan(20000, (64, 48), "imagenet", seed=0, epoch=0, crop_scale=(0.35, 1.0))
+    top, left, h, w = plan.crop.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 64).all() and (left + w <= 48).all()
+    area = (h * w).float() / (64 * 48)
+    assert area.min() > 0.33 and area.max() <= 1
+    assert abs(plan.flip.float().mean().item() - 0.5) < 0.02  # 7 standard deviations
+    offsets = draw_epoch_plan(20000, (32, 32), "cifar", seed=0, epoch=0).crop
+    assert offsets.min() == 0 and offsets.max() == 8
+    assert torch.bincount(offsets[:, 0], minlength=9).min() > 20000 / 9 * 0.9
+
+
+# ---------------------------------------------------------------- Tiny-ImageNet
+
+def test_tiny_imagenet_two_classes_from_the_real_archive(cache_dir):
+    meta = {}
+    with tarfile.open(TINY_TAR, "r|xz") as archive:  # metadata and class 0 open the archive
+        for member in archive:
+            short = member.name.partition("/")[2]
+            if short in ("wnids.txt", "val/val_annotations.txt") or short.endswith("images/n01443537_0.JPEG"):
+                meta[short] = archive.extractfile(member).read()
+            if len(meta) == 3:
+                break
+    wnids = sorted(meta["wnids.txt"].decode().split())[:2]
+    train = data.load_dataset("tiny_imagenet", DATA_ROOT, "train", cache_dir=cache_dir, num_classes=2)
+    test = data.load_dataset("tiny_imagenet", DATA_ROOT, "test", cache_dir=cache_dir, num_classes=2)
+    assert train.images.shape == (1000, 3, 64, 64) and test.images.shape == (100, 3, 64, 64)
+    assert train.class_names == test.class_names == tuple(wnids) and train.num_classes == 2
+    assert train.labels.tolist() == [0] * 500 + [1] * 500
+    first_jpeg = meta[next(k for k in meta if k.endswith("_0.JPEG"))]
+    first = np.asarray(Image.open(io.BytesIO(first_jpeg)).convert("RGB")).transpose(2, 0, 1)
+    assert np.array_equal(train.images[0].numpy(), first)
+    rows = [line.split("\t")[:2] for line in meta["val/val_annotations.txt"].decode().splitlines()]
+    rows.sort(key=lambda r: int(r[0].split("_")[1].split(".")[0]))
+    assert test.labels.tolist() == [wnids.index(w) for _, w in rows if w in wnids]
+
+
+@pytest.mark.parametrize("layout", ["class_folders", "official"])
+def test_tiny_imagenet_from_an_extracted_folder(tmp_path, cache_dir, layout):
+    rng = np.random.default_rng(0)
+    wnids = ["n02", "n01", "n03"]
+    expected = {"train": [], "test": []}
+    for label, wnid in enumerate(sorted(wnids)):
+        for i in range(3):
+            for split, folder in (("train", tmp_path / "train" / wnid / ("images" if layout == "official" else "")),
+                                  ("test", tmp_path / "val" / (wnid if layout == "class_folders" else "images"))):
+                folder.mkdir(parents=True, exist_ok=True)
+                mode = "L" if i == 1 else "RGB"
+                pixels = rng.integers(0, 256, (64, 64) if mode == "L" else (64, 64, 3), dtype=np.uint8)
+                name = f"{wnid}_{i}.JPEG" if split == "train" else f"val_{3 * label + i}.JPEG"
+                Image.fromarray(pixels).save(folder / name, quality=95)
+                expected[split].append((label, np.asarray(Image.open(folder / name).convert("RGB"))))
+                if split == "test" and layout == "official":
+                    with open(tmp_path / "val" / "val_annotations.txt", "a") as f:
+                        f.write(f"{name}\t{wnid}\t0\t0\t63\t63\n")
+    for split in ("train", "test"):
+        ds = data.load_dataset("tiny_imagenet", tmp_path, split, cache_dir=cache_dir, num_classes=2)
+        want = [(label, px) for label, px in expected[split] if label < 2]
+        assert ds.labels.tolist() == [label for label, _ in want]
+        assert np.array_equal(ds.images.numpy(), np.stack([px for _, px in want]).transpose(0, 3, 1, 2))
+        assert ds.class_names == ("n01", "n02")
+
+
+# ---------------------------------------------------------------- full-size ImageNet folders
+
+@pytest.fixture(scope="module")
+def imagenet_sample(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    with tarfile.open(DATA_ROOT / "imagenet-sample" / "imagenet-sample-100.tar") as archive:
+        for member in archive.getmembers():
+            if member.isfile():
+                name = Path(member.name).name
+                folder = root / "val" / name.split("_")[0]
+                folder.mkdir(parents=True)
+                (folder / name).write_bytes(archive.extractfile(member).read())
+    (root / "train").symlink_to(root / "val")
+    return root
+
+
+def test_image_folder_eval_batches_and_labels(imagenet_sample):
+    files = sorted((imagenet_sample / "val").glob("*/*.JPEG"))
+    modes = [Image.open(f).mode for f in files]
+    assert "L" in modes and len({Image.open(f).size for f in files}) > 10  # grayscale, varied sizes
+    loader = data.build_image_folder_loader(imagenet_sample, "val", 32, train=False, num_workers=0)
+    x, y = map(torch.cat, zip(*loader))
+    assert len(loader) == 4 and x.shape == (100, 3, 224, 224)
+    wnids = sorted(f.parent.name for f in files)
+    assert y.tolist() == [wnids.index(f.parent.name) for f in files]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    gray = x[modes.index("L")] * std + mean
+    assert torch.allclose(gray[0], gray[1], atol=1e-5) and torch.allclose(gray[0], gray[2], atol=1e-5)
+
+
+def test_image_folder_train_shards_match_one_process(imagenet_sample):
+    make = lambda rank, count, batch, workers=0: data.build_image_folder_loader(
+        imagenet_sample, "train", batch, train=True, shard_rank=rank, shard_count=count, seed=1,
+        num_workers=workers)
+    single, shards = make(0, 1, 8), [make(r, 2, 4) for r in range(2)]
+    assert len(single) == len(shards[0]) == len(shards[1]) == 12
+    # Full-size decoding is slow on 2 cores: the first 3 global batches (24 images) carry the check.
+    reference = first_batches(single, 1)
+    per_shard = [first_batches(s, 1) for s in shards]
+    for i, (x_ref, y_ref) in enumerate(reference):
+        assert x_ref.shape == (8, 3, 224, 224)
+        assert torch.equal(torch.cat([b[i][1] for b in per_shard]), y_ref)
+        assert torch.equal(torch.cat([b[i][0] for b in per_shard]), x_ref)
+    with_workers = first_batches(make(0, 1, 8, workers=2), 1, count=2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(reference, with_workers))
+    assert not torch.equal(first_batches(single, 2, count=1)[0][1], reference[0][1])
