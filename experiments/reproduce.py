@@ -72,15 +72,18 @@ def mean_std(values: list[float]) -> str:
 
 def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s: float) -> Path:
     seeds, rows = spec["seeds"], spec["rows"]
+    extra = spec.get("extra_columns", {})  # title -> summary metric, e.g. the SGD iterate of an SWA run
     lines = [f"# {spec['title']}", "", spec.get("description", "").strip(), "",
              f"Test accuracy (%) and wall time (s): mean ± sample std over seeds {seeds}.", "",
-             "| method | test acc % | wall time s | per-seed test acc % |", "|---|---|---|---|"]
+             "| method | test acc % | " + "".join(f"{t} | " for t in extra) + "wall time s | per-seed test acc % |",
+             "|---|---|" + "---|" * len(extra) + "---|---|"]
     acc = {}
     for row in rows:
         label = row["label"]
-        acc[label] = [100 * summaries[(label, s)]["final"]["output/acc"] for s in seeds]
-        wall = [summaries[(label, s)]["final"]["wall_s"] for s in seeds]
-        lines.append(f"| {label} | {mean_std(acc[label])} | {mean_std(wall)} | "
+        final = [summaries[(label, s)]["final"] for s in seeds]
+        acc[label] = [100 * f["output/acc"] for f in final]
+        cells = "".join(f"{mean_std([100 * f[m] for f in final])} | " for m in extra.values())
+        lines.append(f"| {label} | {mean_std(acc[label])} | {cells}{mean_std([f['wall_s'] for f in final])} | "
                      f"{', '.join(f'{a:.2f}' for a in acc[label])} |")
     if spec.get("paired"):
         lines += ["", "Paired differences (same seed; percentage points):", "",
