@@ -106,7 +106,10 @@ def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s:
               f"(`tensorboard --logdir runs/reproduce/{name}`)"]
     out = ROOT / spec["output"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    # A hand-written "## Discussion" reads the numbers; it is kept when the table is re-rendered.
+    old = out.read_text() if out.exists() else ""
+    discussion = old[old.index("\n## Discussion"):] if "\n## Discussion" in old else ""
+    out.write_text("\n".join(lines) + "\n" + discussion)
     return out
 
 
