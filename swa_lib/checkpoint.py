@@ -30,11 +30,15 @@ def atomic_torch_save(obj, path: Path) -> None:
     """torch.save to `path` so that a reader sees either the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no debris; a kill may
+        raise                        # leave a .tmp file, which nothing ever reads
     _fsync_dir(path.parent)
 
 
