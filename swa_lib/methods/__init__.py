@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from swa_lib.methods.base import Strategy, SGDConfig, DataShard
 from swa_lib.methods.swa import SWA, SWAConfig
+from swa_lib.methods.swalp import SWALP, SWALPConfig
 
 _REGISTRY: dict[str, tuple[type, type]] = {}
 
@@ -28,6 +29,7 @@ def build_strategy(cfg) -> Strategy:
 
 register(SGDConfig, Strategy)
 register(SWAConfig, SWA)
+register(SWALPConfig, SWALP)
 
-__all__ = ["Strategy", "DataShard", "SGDConfig", "SWA", "SWAConfig", "register", "build_strategy",
+__all__ = ["Strategy", "DataShard", "SGDConfig", "SWA", "SWAConfig", "SWALP", "SWALPConfig", "register", "build_strategy",
            "method_config_class"]
