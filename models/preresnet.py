@@ -12,6 +12,7 @@ from typing import Type, Union
 import torch
 import torch.nn as nn
 
+from .init import kaiming_fan_out_
 from .registry import register
 
 
@@ -97,12 +98,7 @@ class PreResNet(nn.Module):
         # Adaptive so other input sizes work; at 32x32 this is the papers' 8x8 pool.
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_fan_out_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
