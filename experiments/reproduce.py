@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import shlex
@@ -51,7 +52,7 @@ def run_all(spec: dict, name: str, reuse: bool) -> dict:
         bar.set_postfix_str(run_dir.name)
         if not (reuse and (run_dir / "summary.json").exists()):
             overrides = [f"run.seed={seed}", "run.progress=false", *row.get("overrides", [])]
-            cmd = launch_command(spec["entry"], row.get("processes", spec.get("processes", 1)),
+            cmd = launch_command(row.get("entry", spec["entry"]), row.get("processes", spec.get("processes", 1)),
                                  row["config"], run_dir, overrides)
             log = base / f"{run_dir.name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -70,19 +71,39 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
+    """Call each `plots:` entry ("module:function", importable from the repo root) and embed its figures.
+
+    A plot function takes (spec, summaries, run_base, results_dir), where summaries maps
+    (label, seed) to a run's summary.json, and returns [(caption, png_path), ...].
+    """
+    lines = []
+    for entry in spec.get("plots", []):
+        module, function = entry.split(":")
+        plot = getattr(importlib.import_module(module), function)
+        for caption, path in plot(spec, summaries, ROOT / "runs" / "reproduce" / name, ROOT / "results"):
+            rel = Path(path).resolve().relative_to((ROOT / spec["output"]).parent.resolve())
+            lines += ["", f"![{caption}]({rel.as_posix()})", "", f"*{caption}* (`{entry}`)"]
+    return lines
+
+
 def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s: float) -> Path:
     seeds, rows = spec["seeds"], spec["rows"]
     extra = spec.get("extra_columns", {})  # title -> summary metric, e.g. the SGD iterate of an SWA run
+    error = spec.get("report", "accuracy") == "error"  # SWALP's tables are in test error
+    as_pct = (lambda a: 100 * (1 - a)) if error else (lambda a: 100 * a)
+    what = "test error %" if error else "test acc %"
     lines = [f"# {spec['title']}", "", spec.get("description", "").strip(), "",
-             f"Test accuracy (%) and wall time (s): mean ± sample std over seeds {seeds}.", "",
-             "| method | test acc % | " + "".join(f"{t} | " for t in extra) + "wall time s | per-seed test acc % |",
+             f"{what[:-2].capitalize()} (%) and wall time (s): mean ± sample std over seeds {seeds}.", "",
+             f"| method | {what} | " + "".join(f"{t} | " for t in extra) + f"wall time s | per-seed {what} |",
              "|---|---|" + "---|" * len(extra) + "---|---|"]
     acc = {}
     for row in rows:
         label = row["label"]
         final = [summaries[(label, s)]["final"] for s in seeds]
-        acc[label] = [100 * f["output/acc"] for f in final]
-        cells = "".join(f"{mean_std([100 * f[m] for f in final])} | " for m in extra.values())
+        acc[label] = [as_pct(f["output/acc"]) for f in final]
+        cells = "".join(f"{mean_std([as_pct(f[m]) if m.endswith('/acc') else f[m] for f in final])} | "
+                        for m in extra.values())
         lines.append(f"| {label} | {mean_std(acc[label])} | {cells}{mean_std([f['wall_s'] for f in final])} | "
                      f"{', '.join(f'{a:.2f}' for a in acc[label])} |")
     if spec.get("paired"):
@@ -91,6 +112,7 @@ def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s:
         for a, b in spec["paired"]:
             diffs = [x - y for x, y in zip(acc[a], acc[b])]
             lines.append(f"| {a} − {b} | {mean_std(diffs)} | {', '.join(f'{d:+.2f}' for d in diffs)} |")
+    lines += make_plots(spec, name, summaries)
     versions = library_versions()
     lines += ["", "## Provenance", "",
               f"- command: `{command}` (total {elapsed_s / 60:.1f} min)",
