@@ -2,7 +2,8 @@
 
     mpirun -np 4 python experiments/baselines.py --config configs/x.yaml optim.lr=0.05 run.seed=1
 
-Exit codes: 0 done; 2 bad config (nothing was started); 1 any failure during the run
+Exit codes: 0 done; 2 bad config, or one that does not fit the launched world size (nothing
+was trained); 1 any failure during the run
 (a message names it). Under mpirun a failing rank exits at once, without waiting on
 its peers, and mpirun then stops the whole job instead of letting it hang.
 """
@@ -54,6 +55,13 @@ def main(argv=None, description: str = "Train with weight averaging.", default_m
         from swa_lib.comm import init_comm
 
         comm = init_comm(cfg.dist.backend)
+        # Checks that need the world size (e.g. a worker count must divide it): same verdict on every rank.
+        problems = getattr(cfg.method, "validate_world", lambda size: [])(comm.size)
+        if problems:
+            if comm.rank == 0:
+                print(f"error: {ConfigError(problems)}", file=sys.stderr, flush=True)
+            comm.shutdown()
+            return 2
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, args.config)
         trainer = build_trainer(cfg, comm, run_dir)
         summary = trainer.fit()
@@ -69,6 +77,9 @@ def main(argv=None, description: str = "Train with weight averaging.", default_m
         comm.shutdown()
         return 0
     except Exception as err:  # noqa: BLE001 - the top level reports every failure the same way
+        # A ConfigError here came from a check that needs the world size (e.g. HWA's groups
+        # must divide it); it is raised before training, so it is a bad config too: exit 2.
+        code = 2 if isinstance(err, ConfigError) else 1
         rank = comm.rank if comm is not None else int(os.environ.get("OMPI_COMM_WORLD_RANK", 0))
         if os.environ.get("SWA_TRACEBACK"):
             traceback.print_exc()
@@ -76,5 +87,5 @@ def main(argv=None, description: str = "Train with weight averaging.", default_m
         if comm is not None and comm.size > 1:
             # Distributed: peers may be blocked in a collective; exit now, mpirun ends the job.
             sys.stdout.flush()
-            os._exit(1)
-        return 1
+            os._exit(code)
+        return code

@@ -8,6 +8,7 @@ from __future__ import annotations
 from swa_lib.methods.base import Strategy, SGDConfig, DataShard
 from swa_lib.methods.swa import SWA, SWAConfig
 from swa_lib.methods.swalp import SWALP, SWALPConfig
+from swa_lib.methods.hwa import HWA, HWAConfig
 
 _REGISTRY: dict[str, tuple[type, type]] = {}
 
@@ -30,6 +31,7 @@ def build_strategy(cfg) -> Strategy:
 register(SGDConfig, Strategy)
 register(SWAConfig, SWA)
 register(SWALPConfig, SWALP)
+register(HWAConfig, HWA)
 
 __all__ = ["Strategy", "DataShard", "SGDConfig", "SWA", "SWAConfig", "SWALP", "SWALPConfig", "register", "build_strategy",
-           "method_config_class"]
+           "method_config_class", "HWA", "HWAConfig"]

@@ -1,0 +1,198 @@
+"""HWA: hierarchical weight averaging (Gu et al., IEEE TNNLS 2023, arXiv 2304.11519).
+
+Two levels of averaging over one run:
+
+- Online: the world splits into K groups (`comm.split(K)`: contiguous blocks of ranks, one
+  Horovod process set each). Each group trains one model data-parallel, gradients averaged
+  inside the group only, on its own data order (seed `run.seed + g * group_seed_stride`).
+  All K models start from the same weights. Every H optimizer steps (one cycle) the K
+  models are replaced by their average and training goes on from there.
+- Offline: at the end of each cycle the online average is copied to the CPU into a
+  sliding window of the last M cycles. The output model ("hwa") is the window's mean
+  with batch-norm statistics recomputed on training data.
+
+Limits, each exact (tests/test_hwa.py): H = null with M = 1 is independent training of K
+models (the output is each group's own model); K = 1 is an offline-only sliding-window
+average of one data-parallel model; M = 1 is online-only averaging (local SGD), whose
+output is the averaged model of the last cycle.
+
+Every value here is a config value; the paper's K, H, M and schedules were not readable
+(unverified). Each group sees the whole training set every epoch, so at equal epochs
+HWA does K times the sample-gradients of plain SGD.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from swa_lib.averaging import bn_buffers
+from swa_lib.config import ConfigError
+from swa_lib.methods.base import DataShard, Strategy
+from swa_lib.schedules import build_lr_fn, peak_lr
+
+MOMENTUM_MODES = ("average", "keep", "reset")
+
+
+@dataclass
+class HWAConfig:
+    """Settings of HWA. Defaults are ours, not the paper's (its values are unverified)."""
+
+    name: ClassVar[str] = "hwa"
+    groups: int = 2  # K models trained in parallel; must divide the world size
+    sync_period_steps: int | None = 8  # H: optimizer steps per cycle; null = never average online
+    window_cycles: int = 4  # M: online averages (one per cycle) kept in the offline window
+    average_buffers: bool = True  # also average BN running statistics at each online sync
+    # What the optimizer's momentum does at a sync. "average" (default): momentum is averaged
+    # with the weights, so the state every group continues from is the mean of the K states,
+    # and H = 1 is synchronous SGD over all K groups' batches. "keep": each group keeps its
+    # own (local SGD practice). "reset": zero it, as after a fresh start.
+    momentum: str = "average"
+    group_seed_stride: int = 1000  # group g's data-order seed is run.seed + g * stride
+
+    def validate(self, cfg) -> list[str]:
+        p = []
+        if self.groups < 1:
+            p.append(f"method.groups: {self.groups} must be >= 1")
+        if self.sync_period_steps is not None and self.sync_period_steps < 1:
+            p.append(f"method.sync_period_steps: {self.sync_period_steps} must be >= 1, "
+                     f"or null to never average online")
+        if self.window_cycles < 1:
+            p.append(f"method.window_cycles: {self.window_cycles} must be >= 1")
+        elif self.sync_period_steps is None and self.window_cycles > 1:
+            p.append(f"method.window_cycles: {self.window_cycles} needs cycles, but sync_period_steps is "
+                     f"null (no cycle ever ends); use window_cycles 1 for independent training")
+        if self.momentum not in MOMENTUM_MODES:
+            p.append(f"method.momentum: {self.momentum!r} is not one of {', '.join(MOMENTUM_MODES)}")
+        if self.group_seed_stride < 1:
+            p.append(f"method.group_seed_stride: {self.group_seed_stride} must be >= 1")
+        return p
+
+
+def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+    """All parameters as one float32 CPU vector (a snapshot of the weights)."""
+    return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in model.parameters()])
+
+
+def load_flat_parameters_(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Copy a `flat_parameters` vector back into `model` (any device and memory format)."""
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(flat[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+
+
+class HWA(Strategy):
+    """K data-parallel groups averaged every H steps; the result is the mean of the last M averages.
+
+    The window is a deque of flat CPU vectors rather than torch's AveragedModel, which keeps
+    an average over every update since its start and cannot drop the oldest one. Its mean is
+    taken in float64 when the output is evaluated; memory is M copies of the parameters.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # Without cycles there is no window: the result is each group's own model.
+        self.output_name = "model" if cfg.method.sync_period_steps is None else "hwa"
+
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        m, comm = self.cfg.method, ctx.comm
+        if comm.size % m.groups:
+            raise ConfigError([f"method.groups: {m.groups} must divide the world size {comm.size} "
+                               f"(each of the K groups gets world_size / K processes)"])
+        self.group = comm.split(m.groups)  # Distributed: every rank creates all K groups, in order
+        # The LR follows the batch of one model (the group's), not the world's.
+        o = self.cfg.optim
+        self.lr_fn = build_lr_fn(self.cfg.schedule, peak_lr(o, o.batch_size * self.group.size))
+        self.window: deque[torch.Tensor] = deque(maxlen=m.window_cycles)
+        self.cycles = 0  # online averages taken so far (= step // H)
+        self.average = copy.deepcopy(ctx.model)  # holds the window mean when it is evaluated
+        self._check_cycles()
+
+    def _check_cycles(self) -> None:
+        """Errors and warnings that need the world size and the dataset size."""
+        m, num_train = self.cfg.method, self.ctx.workload.num_train
+        if m.sync_period_steps is None or num_train is None:  # streamed ImageNet: size unknown here
+            return
+        steps_per_epoch = num_train // (self.cfg.optim.batch_size * self.group.size)
+        total_steps = steps_per_epoch * self.cfg.schedule.epochs
+        cycles = total_steps // m.sync_period_steps
+        where = (f"{self.cfg.schedule.epochs} epochs x {steps_per_epoch} steps = {total_steps} steps "
+                 f"with sync_period_steps {m.sync_period_steps}")
+        if m.window_cycles > cycles:
+            raise ConfigError([f"method.window_cycles: {m.window_cycles} is more than the {cycles} cycles "
+                               f"the run will have ({where}); the window would never fill"])
+        if total_steps % m.sync_period_steps and self.ctx.comm.rank == 0:
+            warnings.warn(f"HWA: {where} leave the last {total_steps % m.sync_period_steps} steps out of "
+                          f"the output (they end no cycle); pick a period that divides {total_steps}",
+                          stacklevel=2)
+
+    def data_shard(self, epoch: int) -> DataShard:
+        # HWA: shard over the group only; each group reads the whole set in its own order.
+        g = self.group
+        return DataShard(g.rank, g.size, self.cfg.run.seed + g.index * self.cfg.method.group_seed_stride,
+                         self.cfg.optim.batch_size)
+
+    def gradient_group(self):
+        return self.group
+
+    def eval_group(self):
+        return self.group
+
+    def lr(self, epoch: float) -> float:
+        return self.lr_fn(epoch)
+
+    def after_step(self, step: int) -> None:
+        m = self.cfg.method
+        if m.sync_period_steps is None or step % m.sync_period_steps:
+            return
+        if m.groups > 1:
+            self._average_groups_()
+        self.cycles += 1
+        self.window.append(flat_parameters(self.ctx.model))  # HWA offline: the end of this cycle
+
+    def _average_groups_(self) -> None:
+        """Replace every group's model (and momentum, per config) by the mean over the K groups.
+
+        One coalesced allreduce over the world: members of a group hold identical tensors, so
+        the mean over all ranks is the mean over the K groups (up to float rounding, and the
+        result is bitwise the same on every rank)."""
+        m, model, optimizer = self.cfg.method, self.ctx.model, self.ctx.optimizer
+        tensors = [p.detach() for p in model.parameters()]
+        if m.average_buffers:
+            tensors += [b for b in model.buffers() if b.is_floating_point()]
+        momenta = [optimizer.state[p].get("momentum_buffer") for p in model.parameters()]
+        momenta = [b for b in momenta if b is not None]
+        if m.momentum == "average":
+            tensors += momenta
+        self.ctx.comm.allreduce_(tensors, "mean", self.ctx.comm.world)  # Distributed: HWA online average
+        if m.momentum == "reset":
+            for b in momenta:
+                b.zero_()
+
+    def eval_targets(self):
+        if not self.window:
+            return {}
+        total = torch.zeros_like(self.window[0], dtype=torch.float64)
+        for snapshot in self.window:
+            total += snapshot
+        load_flat_parameters_(self.average, (total / len(self.window)).float())
+        self.ctx.update_bn(self.average)  # exact over this group's processes
+        if self.cfg.method.groups > 1:
+            # Distributed: groups saw different batches; their mean is the mean over every rank's
+            # equal share of batches, so the "hwa" model is the same everywhere.
+            self.ctx.comm.allreduce_(bn_buffers(self.average), "mean", self.ctx.comm.world)
+        return {"hwa": self.average}
+
+    def state_dict(self) -> dict:
+        return {"cycles": self.cycles, "window": list(self.window)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cycles = state["cycles"]
+        self.window = deque((t.cpu() for t in state["window"]), maxlen=self.cfg.method.window_cycles)
