@@ -85,10 +85,14 @@ class CheckpointManager:
         self.keep = keep
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def save(self, state: dict, tag: str) -> Path:
-        """Write this process's `state` under generation `tag`. Collective: all ranks call it."""
+    def save(self, state: dict, tag: str, pin: bool = False) -> Path:
+        """Write this process's `state` under generation `tag`. Collective: all ranks call it.
+
+        A pinned generation (a method's phase boundary) is never pruned."""
         gen = self.directory / tag
         gen.mkdir(parents=True, exist_ok=True)
+        if pin and self.comm.rank == 0:
+            (gen / "PINNED").touch()
         atomic_torch_save({"format_version": FORMAT_VERSION, **state}, gen / f"rank{self.comm.rank}.pt")
         self.comm.barrier()  # Distributed: the pointer moves only once every rank's file is on disk
         if self.comm.rank == 0:
@@ -125,7 +129,7 @@ class CheckpointManager:
         return state
 
     def _prune(self, keep_tag: str) -> None:
-        gens = sorted(p for p in self.directory.iterdir() if p.is_dir())
+        gens = sorted(p for p in self.directory.iterdir() if p.is_dir() and not (p / "PINNED").exists())
         old = [g for g in gens if g.name != keep_tag][: max(0, len(gens) - self.keep)]
         for g in old:
             shutil.rmtree(g, ignore_errors=True)

@@ -47,6 +47,7 @@ class TrainContext:
     workload: object
     logger: object
     update_bn: Callable[[nn.Module], None] = None
+    run_dir: Path | None = None  # where the run's files go (methods may save per-worker results here)
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
 
@@ -99,7 +100,7 @@ class Trainer:
         optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
                                     nesterov=o.nesterov, weight_decay=o.weight_decay)
         lr_fn = build_lr_fn(cfg.schedule, peak_lr(o, o.batch_size * comm.size))
-        self.ctx = TrainContext(cfg, comm, model, optimizer, self.device, lr_fn, workload, logger)
+        self.ctx = TrainContext(cfg, comm, model, optimizer, self.device, lr_fn, workload, logger, run_dir=self.run_dir)
         self.ctx.update_bn = self._update_bn
         strategy.setup(self.ctx)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", comm, cfg.run.keep_checkpoints)
@@ -114,10 +115,11 @@ class Trainer:
                 "strategy": self.strategy.state_dict(), "rng": rng_state(), "history": self.history,
                 "timers": dict(self.timer.totals), "wall_s": self._wall_s()}
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, pin: bool = False) -> None:
+        """Checkpoint every rank; `pin` keeps the generation out of pruning (phase boundaries)."""
         self._check_finite_weights()
         with self.timer("checkpoint"):
-            self.checkpoints.save(self._state(), f"e{self.ctx.epoch:04d}-{self.strategy.phase}")
+            self.checkpoints.save(self._state(), f"e{self.ctx.epoch:04d}-{self.strategy.phase}", pin=pin)
 
     def maybe_resume(self) -> bool:
         if not self.cfg.run.resume:
@@ -154,8 +156,9 @@ class Trainer:
                 results = self.evaluate()
                 bar.set_postfix({k: f"{v['acc']:.4f}" for k, v in results.items()}, refresh=False)
             every = self.cfg.run.checkpoint_every_epochs
-            if last or (every and self.ctx.epoch % every == 0) or self.strategy.phase != phase_before:
-                self.save_checkpoint()
+            boundary = self.strategy.phase != phase_before
+            if last or boundary or (every and self.ctx.epoch % every == 0):
+                self.save_checkpoint(pin=boundary)
             bar.update(1)
         bar.close()
         if self.ctx.epoch < epochs and not self.strategy.finished():
@@ -231,7 +234,9 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def _update_bn(self, model: nn.Module) -> None:
         with self.timer("bn_update"):
-            loader = self.workload.train_loader(self.strategy.data_shard(max(self.ctx.epoch - 1, 0)))
+            epoch = max(self.ctx.epoch - 1, 0)
+            loader = self.workload.train_loader(self.strategy.data_shard(epoch))
+            loader.set_epoch(epoch)  # the batches must not depend on what the cached loader did last (resume)
             update_bn_(model, loader, comm=self.comm, group=self.strategy.eval_group(),
                        max_batches=self.cfg.eval.bn_update_batches, device=self.device)
 
@@ -259,18 +264,20 @@ class Trainer:
             targets = {"model": self.ctx.model, **self.strategy.eval_targets()}
             self._last_targets = targets
             results = {name: self._evaluate_one(m, group) for name, m in targets.items()}
-        values = {}
+        values, groups = {}, None
         if group.size < self.comm.size:
             # Distributed: each group holds its own model; rank 0 logs every worker's result.
             per_group = self.comm.allgather_object((group.index, group.rank, results))
-            for index, rank_in_group, res in per_group:
-                if rank_in_group == 0:
-                    values.update({f"eval_worker{index}/{n}/{k}": v for n, m in res.items() for k, v in m.items()})
+            groups = {index: res for index, rank_in_group, res in per_group if rank_in_group == 0}
+            for index, res in groups.items():
+                values.update({f"eval_worker{index}/{n}/{k}": v for n, m in res.items() for k, v in m.items()})
         values.update({f"eval/{n}/{k}": v for n, m in results.items() for k, v in m.items()})
         values["time/wall_s"] = self._wall_s()
         self.logger.scalars(values, self.ctx.step, epoch=self.ctx.epoch, phase=self.strategy.phase)
         self.history.append({"epoch": self.ctx.epoch, "step": self.ctx.step, "wall_s": values["time/wall_s"],
-                             "phase": self.strategy.phase, "results": results})
+                             "timers": dict(self.timer.totals),  # seconds per phase so far (time-to-target)
+                             "phase": self.strategy.phase, "results": results,
+                             **({"groups": {str(k): v for k, v in sorted(groups.items())}} if groups else {})})
         return results
 
     # ------------------------------------------------------------------ the end
@@ -283,6 +290,12 @@ class Trainer:
         last = self.history[-1]["results"]
         out = self.strategy.output_name
         final = {f"{n}/{k}": v for n, m in last.items() for k, v in m.items()}
+        for index, res in self.history[-1].get("groups", {}).items():  # per-worker results (SWAP, HWA)
+            final.update({f"group{index}/{n}/{k}": v for n, m in res.items() for k, v in m.items()})
+        if "groups" in self.history[-1]:
+            per = list(self.history[-1]["groups"].values())
+            final.update({f"groups_mean/{n}/{k}": sum(r[n][k] for r in per) / len(per)
+                          for n, m in per[0].items() for k in m})
         final.update({"output/acc": last[out]["acc"], "output/loss": last[out]["loss"],
                       "wall_s": self._wall_s(), **{f"time/{k}": v for k, v in self.timer.totals.items()}})
         summary = {"output_name": out, "epochs": self.ctx.epoch, "steps": self.ctx.step, "final": final,

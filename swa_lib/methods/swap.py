@@ -1,0 +1,212 @@
+"""SWAP: stochastic weight averaging in parallel (Gupta, Akle Serrano, DeCoste, ICLR 2020, arXiv 2001.02312).
+
+Three phases, all inside the one training loop:
+
+  phase1  All W processes train one model data-parallel with the large global batch
+          W x optim.batch_size (gradients averaged over the world every step). The LR is
+          `schedule` (warmup included; peak scaled with the batch if optim.lr_reference_batch
+          is set) laid out over the phase-1 cap, schedule.epochs - phase2_epochs. The phase
+          ends at the first epoch boundary where the epoch's training accuracy, summed over
+          all ranks, reaches `stop_accuracy` %, or at the cap.
+  phase2  The world splits into K = `workers` contiguous groups of G = W / K processes (an
+          MPI communicator split, made into Horovod process sets / torch groups by
+          swa_lib.comm). Each worker starts from the phase-1 weights and momentum, trains on
+          the whole training set in its own order (seed `worker_seed(k)`), with its own
+          batch (G x phase2_batch_size) and LR schedule, for `phase2_epochs` epochs.
+          Gradients are averaged inside the worker's group only; nothing crosses workers.
+  phase3  One allreduce over the world averages the workers' parameters (members of a
+          worker hold identical replicas, so the world mean is the mean over workers). The
+          BN statistics of the average are recomputed on training data sharded over all W
+          processes and combined exactly (swa_lib.averaging.update_bn_). The average is the
+          method's result ("swap"); each worker's own model stays the training model and is
+          evaluated too, so the table can show the workers before averaging.
+
+The phase-1 stopping rule is checked at epoch boundaries (the loop's unit of data order
+and checkpoints), not every step as a hand-written loop might; on a reduced budget this
+can overshoot by up to one epoch. Every phase boundary writes a pinned checkpoint, and a
+killed run resumes from its latest checkpoint.
+
+If a worker's process dies in phase 2, mpirun (Open MPI's default) stops the whole job;
+the last checkpoint stays intact and running the same command again resumes from it
+(`on_worker_failure: stop`). With `on_worker_failure: average_survivors`, each worker
+writes its final phase-2 weights to run_dir/phase2/worker{k}.pt, and `experiments/swap_average.py`
+averages whichever workers finished (see that script for the launch flag Open MPI needs
+to let survivors finish).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from swa_lib.averaging import update_bn_
+from swa_lib.checkpoint import atomic_torch_save
+from swa_lib.comm import average_model_
+from swa_lib.config import ScheduleConfig, SCHEDULES
+from swa_lib.methods.base import DataShard, Strategy
+from swa_lib.schedules import build_lr_fn, peak_lr
+
+PHASES = ("phase1", "phase2", "phase3")
+
+
+@dataclass
+class SWAPConfig:
+    """Settings of SWAP. `schedule.epochs` is the whole budget: phase-1 cap + phase2_epochs."""
+
+    name: ClassVar[str] = "swap"
+    workers: int = 8  # K phase-2 workers; must divide the number of processes
+    stop_accuracy: float | None = None  # phase 1 ends once training accuracy (%) reaches this; null: at the cap
+    phase2_epochs: int = 2  # length of phase 2 (epochs of the whole training set, per worker)
+    phase2_batch_size: int = 128  # per process in phase 2 (a worker's batch is G x this)
+    phase2_lr: float = 0.05  # peak LR of each worker's phase-2 schedule
+    phase2_schedule: str = "linear"  # shape of the phase-2 LR, over phase2_epochs
+    phase2_warmup_epochs: float = 0.0
+    phase2_final_lr_fraction: float = 0.0
+    worker_seed_stride: int = 1000  # worker k's data seed is run.seed + stride * (k + 1)
+    on_worker_failure: str = "stop"  # stop | average_survivors (see experiments/swap_average.py)
+
+    def validate(self, cfg) -> list[str]:
+        p = []
+        if self.stop_accuracy is not None and not 0 < self.stop_accuracy <= 100:
+            p.append(f"method.stop_accuracy: {self.stop_accuracy} must be a training accuracy in percent, "
+                     f"in (0, 100], or null to stop phase 1 at its epoch cap")
+        if self.workers < 1:
+            p.append(f"method.workers: {self.workers} must be >= 1")
+        if not 1 <= self.phase2_epochs < cfg.schedule.epochs:
+            p.append(f"method.phase2_epochs: {self.phase2_epochs} must be >= 1 and leave at least one phase-1 "
+                     f"epoch inside schedule.epochs={cfg.schedule.epochs}")
+        if self.phase2_batch_size < 1:
+            p.append(f"method.phase2_batch_size: {self.phase2_batch_size} must be >= 1")
+        if self.phase2_lr <= 0:
+            p.append(f"method.phase2_lr: {self.phase2_lr} must be > 0")
+        if self.phase2_schedule not in SCHEDULES or self.phase2_schedule in ("step", "swa_paper"):
+            p.append(f"method.phase2_schedule: {self.phase2_schedule!r} is not one of cosine, linear, constant")
+        if not 0 <= self.phase2_warmup_epochs < max(self.phase2_epochs, 1):
+            p.append(f"method.phase2_warmup_epochs: {self.phase2_warmup_epochs} must be in [0, phase2_epochs)")
+        if not 0 <= self.phase2_final_lr_fraction <= 1:
+            p.append(f"method.phase2_final_lr_fraction: {self.phase2_final_lr_fraction} must be in [0, 1]")
+        if self.worker_seed_stride < 1:
+            p.append(f"method.worker_seed_stride: {self.worker_seed_stride} must be >= 1")
+        if self.on_worker_failure not in ("stop", "average_survivors"):
+            p.append(f"method.on_worker_failure: {self.on_worker_failure!r} is not one of stop, average_survivors")
+        return p
+
+    def validate_world(self, world_size: int) -> list[str]:
+        if world_size % self.workers:
+            return [f"method.workers: {self.workers} workers do not divide the {world_size} launched processes; "
+                    f"launch a multiple of {self.workers} processes or pick a divisor of {world_size}"]
+        return []
+
+    def worker_seed(self, run_seed: int, worker: int) -> int:
+        return run_seed + self.worker_seed_stride * (worker + 1)
+
+
+class SWAP(Strategy):
+    """The result is the phase-3 average ("swap"); "model" is each worker's own model."""
+
+    output_name = "swap"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._phase = "phase1"
+        self.phase2_start: int | None = None  # first epoch (0-based) of phase 2
+        self.phase1_end: dict = {}  # how phase 1 ended: epoch, train accuracy, which rule fired
+        self.average: torch.nn.Module | None = None
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        m, comm = self.cfg.method, ctx.comm
+        # Every rank creates every group now, in the same order (Horovod and torch require it).
+        self.group = comm.split(m.workers)
+        self.phase1_cap = self.cfg.schedule.epochs - m.phase2_epochs
+        global_batch = self.cfg.optim.batch_size * comm.size
+        self.phase1_lr = build_lr_fn(dataclasses.replace(self.cfg.schedule, epochs=self.phase1_cap),
+                                     peak_lr(self.cfg.optim, global_batch))
+        self.phase2_lr = build_lr_fn(ScheduleConfig(epochs=m.phase2_epochs, kind=m.phase2_schedule,
+                                                    warmup_epochs=m.phase2_warmup_epochs,
+                                                    final_lr_fraction=m.phase2_final_lr_fraction), m.phase2_lr)
+        worker_batch = m.phase2_batch_size * self.group.size
+        if worker_batch >= global_batch and comm.rank == 0:
+            print(f"warning: SWAP phase-2 worker batch {worker_batch} (phase2_batch_size {m.phase2_batch_size} x "
+                  f"{self.group.size} processes) is not smaller than the phase-1 global batch {global_batch}; "
+                  f"SWAP's phase 2 is meant to refine with small batches, so this defeats the method", flush=True)
+
+    # ------------------------------------------------------------------ what the loop asks
+    def data_shard(self, epoch: int) -> DataShard:
+        if self._phase == "phase1":
+            return super().data_shard(epoch)
+        m = self.cfg.method
+        return DataShard(self.group.rank, self.group.size, m.worker_seed(self.cfg.run.seed, self.group.index),
+                         m.phase2_batch_size)
+
+    def gradient_group(self):
+        return self.ctx.comm.world if self._phase == "phase1" else self.group
+
+    def lr(self, epoch: float) -> float:
+        if self._phase == "phase1":
+            return self.phase1_lr(epoch)
+        return self.phase2_lr(epoch - self.phase2_start)
+
+    def after_epoch(self, epoch: int, train_metrics: dict) -> None:
+        m, completed = self.cfg.method, epoch + 1
+        if self._phase == "phase1":
+            acc = 100 * train_metrics["acc"]  # the loop summed it over the world
+            by_acc = m.stop_accuracy is not None and acc >= m.stop_accuracy
+            if by_acc or completed >= self.phase1_cap:
+                self._end_phase1(completed, acc, "stop_accuracy" if by_acc else "epoch_cap")
+        elif self._phase == "phase2" and completed >= self.phase2_start + m.phase2_epochs:
+            self._average()
+        self.ctx.logger.scalars({"swap/phase": PHASES.index(self._phase) + 1}, self.ctx.step, epoch=completed)
+
+    def _end_phase1(self, completed: int, acc: float, rule: str) -> None:
+        self.phase1_end = {"epoch": completed, "train_acc": acc, "rule": rule}
+        self.phase2_start = completed
+        self._phase = "phase2"
+        self.ctx.logger.scalars({"swap/phase1_end_epoch": completed, "swap/phase1_end_train_acc": acc,
+                                 "swap/phase1_stopped_by_accuracy": float(rule == "stop_accuracy")},
+                                self.ctx.step, epoch=completed)
+        if self.ctx.comm.rank == 0:
+            print(f"SWAP phase 1 ended after epoch {completed} ({rule}): training accuracy {acc:.2f} %; "
+                  f"phase 2: {self.cfg.method.workers} workers x {self.cfg.method.phase2_epochs} epochs", flush=True)
+
+    def _average(self) -> None:
+        ctx, comm = self.ctx, self.ctx.comm
+        if self.cfg.method.on_worker_failure == "average_survivors" and self.group.rank == 0:
+            # The worker's result on disk first: the survivors can be averaged without it if a peer dies.
+            atomic_torch_save(ctx.model.state_dict(), ctx.run_dir / "phase2" / f"worker{self.group.index}.pt")
+        self.average = copy.deepcopy(ctx.model)
+        average_model_(comm, self.average, comm.world, buffers=False)  # Distributed: mean over the K workers
+        self.recompute_bn(self.average)
+        self._phase = "phase3"
+
+    def recompute_bn(self, model: torch.nn.Module) -> None:
+        """BN statistics of `model` from training data sharded over every process, combined exactly."""
+        comm, cfg = self.ctx.comm, self.cfg
+        loader = self.ctx.workload.train_loader(DataShard(comm.rank, comm.size, cfg.run.seed, cfg.optim.batch_size))
+        loader.set_epoch(self.ctx.epoch - 1)  # the last epoch's order and augmentation, on every resume too
+        update_bn_(model, loader, comm=comm, group=comm.world, max_batches=cfg.eval.bn_update_batches,
+                   device=self.ctx.device)
+
+    def eval_targets(self):
+        return {"swap": self.average} if self.average is not None else {}
+
+    def finished(self) -> bool:
+        return self._phase == "phase3"
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        return {"phase": self._phase, "phase2_start": self.phase2_start, "phase1_end": self.phase1_end,
+                "average": None if self.average is None else self.average.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._phase, self.phase2_start, self.phase1_end = state["phase"], state["phase2_start"], state["phase1_end"]
+        if state["average"] is not None:
+            self.average = copy.deepcopy(self.ctx.model)
+            self.average.load_state_dict(state["average"])
