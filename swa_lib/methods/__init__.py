@@ -9,6 +9,7 @@ from swa_lib.methods.base import Strategy, SGDConfig, DataShard
 from swa_lib.methods.swa import SWA, SWAConfig
 from swa_lib.methods.swalp import SWALP, SWALPConfig
 from swa_lib.methods.hwa import HWA, HWAConfig
+from swa_lib.methods.lawa_ema_methods import AveragesConfig, EMAConfig, LAWAConfig, WeightAverages
 
 _REGISTRY: dict[str, tuple[type, type]] = {}
 
@@ -32,6 +33,10 @@ register(SGDConfig, Strategy)
 register(SWAConfig, SWA)
 register(SWALPConfig, SWALP)
 register(HWAConfig, HWA)
+register(LAWAConfig, WeightAverages)
+register(EMAConfig, WeightAverages)
+register(AveragesConfig, WeightAverages)
 
 __all__ = ["Strategy", "DataShard", "SGDConfig", "SWA", "SWAConfig", "SWALP", "SWALPConfig", "register", "build_strategy",
-           "method_config_class", "HWA", "HWAConfig"]
+           "method_config_class", "HWA", "HWAConfig",
+           "WeightAverages", "LAWAConfig", "EMAConfig", "AveragesConfig"]
