@@ -75,13 +75,18 @@ def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
     """Call each `plots:` entry ("module:function", importable from the repo root) and embed its figures.
 
     A plot function takes (spec, summaries, run_base, results_dir), where summaries maps
-    (label, seed) to a run's summary.json, and returns [(caption, png_path), ...].
+    (label, seed) to a run's summary.json, and returns [(caption, png_path), ...]; an item may
+    also be a markdown string (e.g. a table derived from the runs' histories), kept as it is.
     """
     lines = []
     for entry in spec.get("plots", []):
         module, function = entry.split(":")
         plot = getattr(importlib.import_module(module), function)
-        for caption, path in plot(spec, summaries, ROOT / "runs" / "reproduce" / name, ROOT / "results"):
+        for item in plot(spec, summaries, ROOT / "runs" / "reproduce" / name, ROOT / "results"):
+            if isinstance(item, str):
+                lines += ["", item]
+                continue
+            caption, path = item
             rel = Path(path).resolve().relative_to((ROOT / spec["output"]).parent.resolve())
             lines += ["", f"![{caption}]({rel.as_posix()})", "", f"*{caption}* (`{entry}`)"]
     return lines
@@ -102,8 +107,8 @@ def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s:
         label = row["label"]
         final = [summaries[(label, s)]["final"] for s in seeds]
         acc[label] = [as_pct(f["output/acc"]) for f in final]
-        cells = "".join(f"{mean_std([as_pct(f[m]) if m.endswith('/acc') else f[m] for f in final])} | "
-                        for m in extra.values())
+        cells = "".join((f"{mean_std([as_pct(f[m]) if m.endswith('/acc') else f[m] for f in final])} | "
+                         if all(m in f for f in final) else "– | ") for m in extra.values())
         lines.append(f"| {label} | {mean_std(acc[label])} | {cells}{mean_std([f['wall_s'] for f in final])} | "
                      f"{', '.join(f'{a:.2f}' for a in acc[label])} |")
     if spec.get("paired"):

@@ -12,18 +12,20 @@ training model, so they cannot change training:
         lawa.copy_to(eval_model)                           # then evaluate eval_model
 
 Storage. The averaged tensors (parameters, plus floating-point buffers such as BN running
-statistics when `include_buffers`) are kept as one flat vector, so an update is a few
-whole-vector operations whatever the model. LAWA keeps a ring buffer of L flat snapshots
-and a running float64 sum: an update writes one slot and adds/subtracts one snapshot,
-O(params) rather than O(L x params). Exactness of the running sum: each add or subtract
-rounds by at most 2^-53 of |sum| <= L max|w|, so even after 10^6 updates the drift is
-~1e-10 L relative, far below the 2^-24 resolution of the float32 mean it produces.
+statistics when `include_buffers`) are kept as one flat vector, so an update is one or two
+whole-vector operations whatever the model. LAWA keeps a ring buffer of L flat snapshots:
+an update overwrites the oldest slot, a single O(params) copy. Its mean is computed only
+when asked for (once per evaluation) from the L snapshots in float64, rounded once to the
+model's dtype: exact, and O(L x params) but only per evaluation. A running float64 sum
+would make that read O(params) but cost three extra float64 passes per update (measured
+on this CPU: about 10-20x the copy itself) and accumulate rounding; updates are far more
+frequent than reads, so we recompute.
 
 Buffers on the CPU (`buffer_device="cpu"`) while the model is on a GPU: the snapshot is
 first copied on the GPU into a staging vector (a device-to-device copy on the compute
 stream, microseconds), then copied to pinned host memory on a side stream with
 non_blocking=True, so the GPU keeps computing while the transfer runs. The CPU-side
-arithmetic (LAWA's sum, EMA's lerp) is deferred to the next update or read, after the
+bookkeeping (EMA's lerp, LAWA's count) is deferred to the next update or read, after the
 transfer's event has completed; with every_steps >= 2 it has long finished, so neither
 the GPU nor the Python thread waits. Without a GPU the same code does plain copies.
 """
@@ -140,9 +142,9 @@ class LAWA(_SnapshotAverage):
             raise ValueError(f"window: {window} must be >= 1")
         super().__init__(model, every_steps, include_buffers, buffer_device)
         self.window = window
-        self.ring = self._zeros(window, self.numel)
-        self.sum = self._zeros(self.numel, dtype=torch.float64)
-        self.n_snapshots = 0  # folded into `sum`
+        self.ring = self._zeros(window, self.numel)  # slot i holds snapshot number k with k % window == i
+        self.n_snapshots = 0  # snapshots completed (folded in)
+        self._mean = None  # cache: valid until the next snapshot
 
     @property
     def ready(self) -> bool:
@@ -150,40 +152,39 @@ class LAWA(_SnapshotAverage):
         return self.n_snapshots >= self.window
 
     def _slot(self) -> torch.Tensor:
-        slot = self.ring[self.n_snapshots % self.window]
-        if self.n_snapshots >= self.window:
-            self.sum -= slot  # the oldest snapshot leaves the queue
-        return slot
+        self._mean = None
+        return self.ring[self.n_snapshots % self.window]  # the oldest snapshot leaves the queue
 
     def _take(self, sources):
-        slot = self._slot()
-        torch._foreach_copy_(self._views(slot), sources)
-        self._fold(slot)
+        torch._foreach_copy_(self._views(self._slot()), sources)
+        self.n_snapshots += 1
 
     def _host_destination(self) -> torch.Tensor:
         return self._slot()
 
     def _fold(self, slot: torch.Tensor) -> None:
-        self.sum += slot
         self.n_snapshots += 1
 
     def average(self) -> torch.Tensor:
         if not self.ready:
             raise RuntimeError(f"LAWA holds {self.n_snapshots} of {self.window} snapshots; its mean is not defined yet")
-        return (self.sum / self.window).to(self.dtype)
+        if self._mean is None:
+            total = self.ring[0].double()
+            for slot in self.ring[1:]:
+                total += slot.double()
+            self._mean = (total / self.window).to(self.dtype)
+        return self._mean
 
     def state_dict(self) -> dict:
         self._fold_pending()
-        return {"ring": self.ring.cpu(), "sum": self.sum.cpu(), "n_snapshots": self.n_snapshots,
-                "every_steps": self.every_steps}
+        return {"ring": self.ring.cpu(), "n_snapshots": self.n_snapshots, "every_steps": self.every_steps}
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["ring"].shape) != tuple(self.ring.shape) or state["every_steps"] != self.every_steps:
             raise ValueError(f"LAWA state has ring {tuple(state['ring'].shape)} and every_steps {state['every_steps']}; "
                              f"this LAWA has {tuple(self.ring.shape)} and {self.every_steps}")
-        self._pending = None
+        self._pending, self._mean = None, None
         self.ring.copy_(state["ring"])
-        self.sum.copy_(state["sum"])
         self.n_snapshots = int(state["n_snapshots"])
 
 
