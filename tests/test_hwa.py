@@ -1,0 +1,88 @@
+"""HWA: online averaging across groups plus an offline window, against hand computations.
+
+Under real mpirun (4 ranks, K = 2 groups of 2 and K = 4 groups of 1), tests/mpi_scripts/
+hwa_oracles.py checks the syncs, the window mean, the M = 1 and H = null limits and resume.
+Here, in one process: the K = 1 limit against plain SGD, and the bad-input messages.
+"""
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpi_util import PYTHON, REPO_ROOT, assert_ranks_said, run_mpi
+from swa_lib.cli import build_trainer
+from swa_lib.comm import init_comm
+from swa_lib.config import ConfigError, load_config
+from swa_lib.methods.hwa import flat_parameters
+
+SCRIPT = Path(__file__).parent / "mpi_scripts" / "hwa_oracles.py"
+# 192 images / batch 32 = 6 steps per epoch, 12 steps in all.
+TINY = ["data.dataset=cifar10_jpg", "data.train_subset=192", "data.test_subset=100", "model.name=resnet9",
+        "model.kwargs={width: 8}", "optim.batch_size=32", "optim.lr=0.05", "schedule.epochs=2",
+        "eval.batch_size=100", "eval.every_epochs=2", "eval.bn_update_batches=2", "run.progress=false",
+        "run.checkpoint_every_epochs=0"]
+HWA = ["method.name=hwa", "method.groups=1", "method.sync_period_steps=2", "method.window_cycles=3"]
+
+
+def build(tmp_path, name, *extra):
+    return build_trainer(load_config(None, TINY + list(extra)), init_comm("single"), tmp_path / name)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("groups", [2, 4])
+def test_syncs_window_limits_and_resume_under_mpirun(tmp_path, groups):
+    result = run_mpi(4, SCRIPT, [groups, tmp_path], timeout_s=180)
+    assert_ranks_said(result, 4, "HWA_ORACLES_OK")
+
+
+def test_one_group_is_a_sliding_window_average_of_plain_sgd(tmp_path):
+    sgd = build(tmp_path, "sgd", "method.name=sgd")
+    snapshots = []
+
+    def record(step):  # what a hand-made sliding window would store: SGD's weights every 2 steps
+        if step % 2 == 0:
+            snapshots.append(flat_parameters(sgd.ctx.model))
+    sgd.strategy.after_step = record
+    sgd.fit()
+    hwa = build(tmp_path, "hwa", *HWA)
+    summary = hwa.fit()
+    # Offline averaging never feeds back: the training model is SGD's, bit for bit.
+    assert torch.equal(flat_parameters(hwa.ctx.model), flat_parameters(sgd.ctx.model))
+    assert hwa.strategy.cycles == len(snapshots) == 6
+    assert all(torch.equal(a, b) for a, b in zip(hwa.strategy.window, snapshots[-3:]))
+    hand = torch.stack(snapshots[-3:]).double().mean(0).float()
+    assert torch.allclose(flat_parameters(hwa.strategy.average), hand, rtol=0, atol=1e-7)
+    assert summary["output_name"] == "hwa" and summary["final"]["output/acc"] == summary["final"]["hwa/acc"]
+
+
+@pytest.mark.parametrize("override, field", [
+    ("method.sync_period_steps=0", "method.sync_period_steps"),
+    ("method.window_cycles=0", "method.window_cycles"),
+    ("method.groups=0", "method.groups"),
+    ("method.momentum=drop", "method.momentum"),
+    ("method.sync_period_steps=null", "method.window_cycles"),  # no cycles, but a window of 3
+])
+def test_bad_hwa_fields_are_named(override, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config(None, TINY + HWA + [override])
+
+
+def test_window_longer_than_the_run_is_an_error_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"method.window_cycles: 7 is more than the 6 cycles"):
+        build(tmp_path, "long", *HWA, "method.window_cycles=7")
+
+
+def test_a_period_that_leaves_steps_out_of_the_output_warns(tmp_path):
+    with pytest.warns(UserWarning, match="leave the last 2 steps out of the output"):
+        build(tmp_path, "ragged", *HWA, "method.sync_period_steps=5", "method.window_cycles=2")
+
+
+def test_groups_that_do_not_divide_the_world_exit_2_before_training(tmp_path):
+    proc = subprocess.run([PYTHON, str(REPO_ROOT / "experiments" / "hwa_cifar.py"),
+                           "--config", str(REPO_ROOT / "configs" / "hwa" / "cifar10_resnet9_hwa_reduced.yaml"),
+                           "--run-dir", str(tmp_path / "run"), *TINY, "method.groups=3"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "method.groups: 3 must divide the world size 1" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
