@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from swa_lib.config import ConfigError, load_config
+from swa_lib.methods.base import PartialWorldResult
 
 
 def parse_args(argv, description: str):
@@ -76,6 +77,11 @@ def main(argv=None, description: str = "Train with weight averaging.", default_m
                   f"run dir {run_dir} (tensorboard --logdir {run_dir.parent})")
         comm.shutdown()
         return 0
+    except PartialWorldResult as result:
+        # Peers are dead: a world-wide shutdown would wait on them forever, so leave at once.
+        trainer.logger.close()  # only fit() raises this, so the trainer exists
+        print(f"rank {comm.rank}: {result}", flush=True)
+        os._exit(0)
     except Exception as err:  # noqa: BLE001 - the top level reports every failure the same way
         # A ConfigError here came from a check that needs the world size (e.g. HWA's groups
         # must divide it); it is raised before training, so it is a bad config too: exit 2.

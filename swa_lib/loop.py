@@ -157,7 +157,8 @@ class Trainer:
                 bar.set_postfix({k: f"{v['acc']:.4f}" for k, v in results.items()}, refresh=False)
             every = self.cfg.run.checkpoint_every_epochs
             boundary = self.strategy.phase != phase_before
-            if last or boundary or (every and self.ctx.epoch % every == 0):
+            periodic = every and self.ctx.epoch % every == 0 and not self.strategy.isolated
+            if last or boundary or periodic:
                 self.save_checkpoint(pin=boundary)
             bar.update(1)
         bar.close()
@@ -265,7 +266,7 @@ class Trainer:
             self._last_targets = targets
             results = {name: self._evaluate_one(m, group) for name, m in targets.items()}
         values, groups = {}, None
-        if group.size < self.comm.size:
+        if group.size < self.comm.size and not self.strategy.isolated:
             # Distributed: each group holds its own model; rank 0 logs every worker's result.
             per_group = self.comm.allgather_object((group.index, group.rank, results))
             groups = {index: res for index, rank_in_group, res in per_group if rank_in_group == 0}

@@ -24,7 +24,7 @@ def _show(proc_or_exc) -> str:
 
 
 def run_mpi(np: int, script: Path, args=(), timeout_s: float = 120, env: dict | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+            check: bool = True, mpirun_args=()) -> subprocess.CompletedProcess:
     """Run `script` on `np` ranks under mpirun and return the finished process (text output).
 
     Args:
@@ -35,12 +35,13 @@ def run_mpi(np: int, script: Path, args=(), timeout_s: float = 120, env: dict | 
             test fails, so a hang cannot block the suite.
         env: variables added to this process's environment for the job.
         check: assert that mpirun exited with 0 (set False when a failure is the point).
+        mpirun_args: extra mpirun options, e.g. ("--mca", "orte_abort_on_non_zero_status", "0").
     The repo root is put on PYTHONPATH, so scripts import swa_lib directly.
     """
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT)] + [p for p in full_env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    cmd = [*MPIRUN, "-np", str(np), "-x", "PYTHONPATH", PYTHON, str(script), *map(str, args)]
+    cmd = [*MPIRUN, *mpirun_args, "-np", str(np), "-x", "PYTHONPATH", PYTHON, str(script), *map(str, args)]
     # A new session, so a timeout can kill mpirun and every rank it started, not just mpirun.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env, cwd=REPO_ROOT, start_new_session=True)

@@ -99,3 +99,29 @@ def test_a_phase_2_batch_not_smaller_than_phase_1_warns_and_a_missing_phase_chec
     resumed = _cli(tmp_path, "method.phase2_batch_size=32")
     assert resumed.returncode == 1
     assert f"checkpoints/{tag}/rank0.pt cannot be read" in resumed.stderr, resumed.stderr[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_average_survivors_averages_the_workers_that_finished(tmp_path):
+    # Open MPI must not kill the survivors when a peer dies (documented in swa_lib/methods/swap.py).
+    result = run_mpi(4, SCRIPT, ["survivors-kill", tmp_path], timeout_s=200, check=False,
+                     mpirun_args=("--mca", "orte_abort_on_non_zero_status", "0"))
+    assert result.returncode != 0, "mpirun should report the dead rank"
+    report = json.loads((tmp_path / "survivors.json").read_text())
+    assert report["averaged_workers"] == [0, 1, 3] and report["lost_workers"] == [2], report
+    assert "averaged the 3 survivors [0, 1, 3]" in result.stdout, result.stdout[-3000:]
+    workers = [torch.load(tmp_path / "phase2" / f"worker{k}.pt") for k in (0, 1, 3)]
+    average = torch.load(tmp_path / "final_model.pt")
+    for name, value in average.items():
+        if "running" not in name and "num_batches" not in name:
+            expected = torch.stack([w[name] for w in workers]).mean(0)
+            assert torch.allclose(value, expected, atol=1e-6), name
+    assert not (tmp_path / "phase2" / "worker2.pt").exists()
+
+
+@pytest.mark.timeout(300)
+def test_average_survivors_with_every_worker_alive_is_ordinary_swap(tmp_path):
+    result = run_mpi(4, SCRIPT, ["survivors-all", tmp_path], timeout_s=200)
+    assert_ranks_said(result, 4, "SWAP_RESUME_OK")
+    assert sorted(p.name for p in (tmp_path / "phase2").iterdir()) == [f"worker{k}.pt" for k in range(4)]
+    assert not (tmp_path / "survivors.json").exists()

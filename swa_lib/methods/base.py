@@ -22,6 +22,13 @@ from typing import ClassVar
 from torch import nn
 
 
+class PartialWorldResult(Exception):
+    """A run that lost processes ended with a result computed by the survivors (SWAP phase 3).
+
+    The message says what was computed and where it was written; the entry point exits 0 on
+    the surviving processes without the world-wide shutdown that would wait on the dead."""
+
+
 @dataclass(frozen=True)
 class DataShard:
     """What this process trains on: shard `rank` of `count`, data order from `seed`."""
@@ -83,6 +90,14 @@ class Strategy:
         return {}
 
     def finished(self) -> bool:
+        return False
+
+    @property
+    def isolated(self) -> bool:
+        """True while groups must not wait on each other (SWAP phase 2 that tolerates a dead worker).
+
+        The loop then skips everything that spans the world: per-worker result gathering and
+        periodic checkpoints (phase boundaries and the end still checkpoint)."""
         return False
 
     def state_dict(self) -> dict:

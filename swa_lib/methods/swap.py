@@ -26,27 +26,37 @@ and checkpoints), not every step as a hand-written loop might; on a reduced budg
 can overshoot by up to one epoch. Every phase boundary writes a pinned checkpoint, and a
 killed run resumes from its latest checkpoint.
 
-If a worker's process dies in phase 2, mpirun (Open MPI's default) stops the whole job;
-the last checkpoint stays intact and running the same command again resumes from it
-(`on_worker_failure: stop`). With `on_worker_failure: average_survivors`, each worker
-writes its final phase-2 weights to run_dir/phase2/worker{k}.pt, and `experiments/swap_average.py`
-averages whichever workers finished (see that script for the launch flag Open MPI needs
-to let survivors finish).
+A worker that dies in phase 2:
+  on_worker_failure: stop (default). mpirun (Open MPI's default) stops the whole job and
+      names the dead rank; the last checkpoint stays intact, and running the same command
+      again resumes from it.
+  on_worker_failure: average_survivors. Workers must be single processes (a group with a
+      dead member could not finish its own steps). Phase 2 then makes no world-wide call:
+      no per-epoch checkpoints and no gathering of other workers' results (the phase
+      boundaries still checkpoint). Each worker writes its final weights to
+      run_dir/phase2/worker{k}.pt and waits up to `survivor_wait_s` for the others' files.
+      With all K there, phase 3 runs as usual. With some missing, the lowest surviving
+      worker averages the files that exist, recomputes BN on its own over the same number
+      of training images, evaluates, writes final_model.pt and survivors.json, and every
+      survivor exits 0. Open MPI kills the survivors when a peer dies unless launched with
+      `--mca orte_abort_on_non_zero_status 0`; mpirun still exits non-zero, naming the dead rank.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from swa_lib.averaging import update_bn_
-from swa_lib.checkpoint import atomic_torch_save
+from swa_lib.checkpoint import atomic_torch_save, atomic_write_text
 from swa_lib.comm import average_model_
 from swa_lib.config import ScheduleConfig, SCHEDULES
-from swa_lib.methods.base import DataShard, Strategy
+from swa_lib.methods.base import DataShard, PartialWorldResult, Strategy
 from swa_lib.schedules import build_lr_fn, peak_lr
 
 PHASES = ("phase1", "phase2", "phase3")
@@ -66,7 +76,8 @@ class SWAPConfig:
     phase2_warmup_epochs: float = 0.0
     phase2_final_lr_fraction: float = 0.0
     worker_seed_stride: int = 1000  # worker k's data seed is run.seed + stride * (k + 1)
-    on_worker_failure: str = "stop"  # stop | average_survivors (see experiments/swap_average.py)
+    on_worker_failure: str = "stop"  # stop | average_survivors (see the module docstring)
+    survivor_wait_s: float = 300.0  # average_survivors: how long a finished worker waits for the others
 
     def validate(self, cfg) -> list[str]:
         p = []
@@ -92,12 +103,17 @@ class SWAPConfig:
             p.append(f"method.worker_seed_stride: {self.worker_seed_stride} must be >= 1")
         if self.on_worker_failure not in ("stop", "average_survivors"):
             p.append(f"method.on_worker_failure: {self.on_worker_failure!r} is not one of stop, average_survivors")
+        if self.survivor_wait_s <= 0:
+            p.append(f"method.survivor_wait_s: {self.survivor_wait_s} must be > 0")
         return p
 
     def validate_world(self, world_size: int) -> list[str]:
         if world_size % self.workers:
             return [f"method.workers: {self.workers} workers do not divide the {world_size} launched processes; "
                     f"launch a multiple of {self.workers} processes or pick a divisor of {world_size}"]
+        if self.on_worker_failure == "average_survivors" and self.workers != world_size:
+            return [f"method.on_worker_failure: average_survivors needs one process per worker, but "
+                    f"{self.workers} workers share {world_size} processes"]
         return []
 
     def worker_seed(self, run_seed: int, worker: int) -> int:
@@ -146,6 +162,10 @@ class SWAP(Strategy):
         return DataShard(self.group.rank, self.group.size, m.worker_seed(self.cfg.run.seed, self.group.index),
                          m.phase2_batch_size)
 
+    @property
+    def isolated(self) -> bool:
+        return self._phase == "phase2" and self.cfg.method.on_worker_failure == "average_survivors"
+
     def gradient_group(self):
         return self.ctx.comm.world if self._phase == "phase1" else self.group
 
@@ -178,13 +198,65 @@ class SWAP(Strategy):
 
     def _average(self) -> None:
         ctx, comm = self.ctx, self.ctx.comm
-        if self.cfg.method.on_worker_failure == "average_survivors" and self.group.rank == 0:
-            # The worker's result on disk first: the survivors can be averaged without it if a peer dies.
-            atomic_torch_save(ctx.model.state_dict(), ctx.run_dir / "phase2" / f"worker{self.group.index}.pt")
+        if self.isolated:
+            # This worker's result on disk first, so that the others can average without it.
+            self._worker_file(0).parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(ctx.model.state_dict(), self._worker_file(self.group.index))
+            present = self._wait_for_workers()
+            if len(present) < self.cfg.method.workers:
+                self._average_survivors(present)  # raises PartialWorldResult
         self.average = copy.deepcopy(ctx.model)
         average_model_(comm, self.average, comm.world, buffers=False)  # Distributed: mean over the K workers
         self.recompute_bn(self.average)
         self._phase = "phase3"
+
+    def _worker_file(self, index: int):
+        return self.ctx.run_dir / "phase2" / f"worker{index}.pt"
+
+    def _wait_for_workers(self) -> list[int]:
+        deadline = time.monotonic() + self.cfg.method.survivor_wait_s
+        while True:
+            present = [k for k in range(self.cfg.method.workers) if self._worker_file(k).exists()]
+            if len(present) == self.cfg.method.workers or time.monotonic() > deadline:
+                return present
+            time.sleep(0.5)
+
+    def _average_survivors(self, present: list[int]) -> None:
+        m, ctx = self.cfg.method, self.ctx
+        lost = sorted(set(range(m.workers)) - set(present))
+        me = self.group.index
+        if me != min(present):
+            raise PartialWorldResult(f"workers {lost} did not finish phase 2; worker {min(present)} "
+                                     f"averages the {len(present)} survivors")
+        self.average = copy.deepcopy(ctx.model)
+        states = [torch.load(self._worker_file(k), map_location=ctx.device) for k in present]
+        with torch.no_grad():
+            for name, p in self.average.named_parameters():
+                p.copy_(torch.stack([s[name].float() for s in states]).mean(0).to(p.dtype))
+        # Alone now: the same number of BN images as the whole world would have used.
+        cfg, batches = self.cfg, self.cfg.eval.bn_update_batches
+        loader = ctx.workload.train_loader(DataShard(0, 1, cfg.run.seed, cfg.optim.batch_size))
+        loader.set_epoch(ctx.epoch - 1)
+        update_bn_(self.average, loader, max_batches=None if batches is None else batches * ctx.comm.size,
+                   device=ctx.device)
+        acc = self._test_accuracy(self.average)
+        result = {"averaged_workers": present, "lost_workers": lost, "epoch": ctx.epoch, "test_acc": acc}
+        atomic_torch_save(self.average.state_dict(), ctx.run_dir / "final_model.pt")
+        atomic_write_text(json.dumps(result, indent=2), ctx.run_dir / "survivors.json")
+        ctx.logger.scalars({"eval/swap_survivors/acc": acc}, ctx.step, epoch=ctx.epoch)
+        raise PartialWorldResult(f"workers {lost} did not finish phase 2; averaged the {len(present)} survivors "
+                                 f"{present}: test acc {acc:.4f}; wrote {ctx.run_dir / 'final_model.pt'} and "
+                                 f"{ctx.run_dir / 'survivors.json'}")
+
+    @torch.no_grad()
+    def _test_accuracy(self, model: torch.nn.Module) -> float:
+        model.eval()
+        correct = total = 0
+        for x, y in self.ctx.workload.test_loader(0, 1):
+            x, y = x.to(self.ctx.device), y.to(self.ctx.device)
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+        return correct / total
 
     def recompute_bn(self, model: torch.nn.Module) -> None:
         """BN statistics of `model` from training data sharded over every process, combined exactly."""

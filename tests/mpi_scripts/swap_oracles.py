@@ -6,6 +6,8 @@ Usage: swap_oracles.py MODE RUN_DIR
           resumed, which must end bitwise equal to the uninterrupted K=2 run.
   kill    (4 ranks, K=4) rank 2 SIGKILLs itself inside phase 2; the job must end non-zero.
   resume  (4 ranks, K=4) the same command again: resumes from the last checkpoint and finishes.
+  survivors-kill / survivors-all  (4 ranks, K=4, on_worker_failure=average_survivors) with and
+          without rank 2 dying in phase 2.
 """
 import json
 import os
@@ -21,7 +23,7 @@ from rank_harness import check, run_rank
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import load_config
-from swa_lib.methods.base import DataShard
+from swa_lib.methods.base import DataShard, PartialWorldResult
 
 BN_BATCHES = 2
 
@@ -105,9 +107,9 @@ def phases(run_dir: Path) -> None:
     comm.shutdown()
 
 
-def killed_or_resumed(run_dir: Path, kill: bool) -> None:
+def killed_or_resumed(run_dir: Path, kill: bool, *extra: str) -> None:
     comm = init_comm("horovod")
-    trainer = build_trainer(load_config(None, overrides(4, "null"), default_method="swap"), comm, run_dir)
+    trainer = build_trainer(load_config(None, overrides(4, "null", *extra), default_method="swap"), comm, run_dir)
     if kill and comm.rank == 2:
         after_step = trainer.strategy.after_step
 
@@ -117,7 +119,11 @@ def killed_or_resumed(run_dir: Path, kill: bool) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)  # a worker lost in the middle of phase 2
 
         trainer.strategy.after_step = die_in_phase2
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except PartialWorldResult as result:  # as swa_lib.cli does: a survivor leaves without world shutdown
+        print(f"rank {comm.rank}: {result}", flush=True)
+        os._exit(0)
     check(summary["epochs"] == 4 and trainer.strategy.phase == "phase3", f"resumed run ended at {summary['epochs']}")
     if comm.rank == 0:
         print("SWAP_RESUMED " + json.dumps({"acc": summary["final"]["output/acc"]}), flush=True)
@@ -128,8 +134,11 @@ def killed_or_resumed(run_dir: Path, kill: bool) -> None:
 
 def main() -> None:
     mode, run_dir = sys.argv[1], Path(sys.argv[2])
+    survive = ["method.on_worker_failure=average_survivors", "method.survivor_wait_s=20"]
     if mode == "phases":
         phases(run_dir)
+    elif mode.startswith("survivors"):  # survivors-kill | survivors-all
+        killed_or_resumed(run_dir, mode.endswith("kill"), *survive)
     else:
         killed_or_resumed(run_dir, kill=mode == "kill")
 
