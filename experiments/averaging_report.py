@@ -84,7 +84,7 @@ def _time_to_target(spec, summaries, seeds, results_dir: Path) -> list:
     ax.set(xlabel="optimizer step", ylabel="test accuracy (%)", title="Accuracy vs steps (one line per seed)")
     ax.set_ylim(bottom=max(0, 100 * target - 35))
     ax.legend()
-    path = results_dir / "averaging_accuracy_vs_steps.png"
+    path = results_dir / f"{Path(spec['output']).stem}_accuracy_vs_steps.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -123,7 +123,7 @@ def _window_sweep(spec, summaries, seeds, results_dir: Path) -> list:
         ax.axhline(0, color="gray", lw=1)
         ax.set(xscale="log", xlabel="window / T (%)", ylabel="gain over the iterate (pts)", title=title)
         ax.legend()
-    path = results_dir / "averaging_window_sweep.png"
+    path = results_dir / f"{Path(spec['output']).stem}_window_sweep.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -161,7 +161,7 @@ def _lr_decay(spec, summaries, seeds, results_dir: Path) -> list:
         ax.set(title=f"{sch} (seed {seeds[0]})", xlabel="optimizer step")
     axes[0].set_ylabel("test accuracy (%)")
     axes[0].legend()
-    path = results_dir / "averaging_lr_decay.png"
+    path = results_dir / f"{Path(spec['output']).stem}_lr_decay.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
