@@ -183,7 +183,8 @@ class LAWA(_SnapshotAverage):
         if tuple(state["ring"].shape) != tuple(self.ring.shape) or state["every_steps"] != self.every_steps:
             raise ValueError(f"LAWA state has ring {tuple(state['ring'].shape)} and every_steps {state['every_steps']}; "
                              f"this LAWA has {tuple(self.ring.shape)} and {self.every_steps}")
-        self._pending, self._mean = None, None
+        self._fold_pending()  # an in-flight transfer must land before the slots are overwritten
+        self._mean = None
         self.ring.copy_(state["ring"])
         self.n_snapshots = int(state["n_snapshots"])
 
@@ -250,6 +251,6 @@ class EMA(_SnapshotAverage):
         theirs = (state["ema"].numel(), state["every_steps"], state["decay"], state["warmup"])
         if mine != theirs:
             raise ValueError(f"EMA state (numel, every_steps, decay, warmup) = {theirs}; this EMA has {mine}")
-        self._pending = None
+        self._fold_pending()
         self.ema.copy_(state["ema"])
         self.n_updates = int(state["n_updates"])
