@@ -114,8 +114,12 @@ def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s:
     if spec.get("paired"):
         lines += ["", "Paired differences (same seed; percentage points):", "",
                   "| difference | mean ± std | per seed |", "|---|---|---|"]
+        def values(ref: str) -> list[float]:  # "label" (its result) or "label@metric" (any final metric)
+            label, _, metric = ref.partition("@")
+            return acc[label] if not metric else [as_pct(summaries[(label, s)]["final"][metric]) for s in seeds]
+
         for a, b in spec["paired"]:
-            diffs = [x - y for x, y in zip(acc[a], acc[b])]
+            diffs = [x - y for x, y in zip(values(a), values(b))]
             lines.append(f"| {a} − {b} | {mean_std(diffs)} | {', '.join(f'{d:+.2f}' for d in diffs)} |")
     lines += make_plots(spec, name, summaries)
     versions = library_versions()

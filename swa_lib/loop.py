@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from swa_lib.averaging import update_bn_
+from swa_lib.averaging import bn_buffers, update_bn_
 from swa_lib.checkpoint import CheckpointManager, atomic_torch_save, rng_state, set_rng_state
 from swa_lib.comm import allreduce_gradients_
 from swa_lib.schedules import build_lr_fn, peak_lr
@@ -152,11 +152,11 @@ class Trainer:
             self.ctx.epoch += 1
             self.strategy.after_epoch(self.ctx.epoch - 1, metrics)
             last = self.ctx.epoch == stop_at or self.strategy.finished()
-            if last or self.ctx.epoch % self.cfg.eval.every_epochs == 0:
+            boundary = self.strategy.phase != phase_before  # evaluated and checkpointed (pinned)
+            if last or boundary or self.ctx.epoch % self.cfg.eval.every_epochs == 0:
                 results = self.evaluate()
                 bar.set_postfix({k: f"{v['acc']:.4f}" for k, v in results.items()}, refresh=False)
             every = self.cfg.run.checkpoint_every_epochs
-            boundary = self.strategy.phase != phase_before
             periodic = every and self.ctx.epoch % every == 0 and not self.strategy.isolated
             if last or boundary or periodic:
                 self.save_checkpoint(pin=boundary)
@@ -262,6 +262,11 @@ class Trainer:
         """Evaluate the training model and every averaged model; log; return {name: metrics}."""
         with self.timer("eval"):
             group = self.strategy.eval_group()
+            train_group = self.strategy.gradient_group()
+            if train_group is not None and train_group.size > 1:
+                # Distributed: replicas share weights but each kept BN running statistics of its own
+                # batches; evaluate one model, the mean of them (what DDP's buffer broadcast aims at).
+                self.comm.allreduce_(bn_buffers(self.ctx.model), "mean", train_group)
             targets = {"model": self.ctx.model, **self.strategy.eval_targets()}
             self._last_targets = targets
             results = {name: self._evaluate_one(m, group) for name, m in targets.items()}
@@ -297,6 +302,7 @@ class Trainer:
             per = list(self.history[-1]["groups"].values())
             final.update({f"groups_mean/{n}/{k}": sum(r[n][k] for r in per) / len(per)
                           for n, m in per[0].items() for k in m})
+            final.update({f"groups_max/{n}/{k}": max(r[n][k] for r in per) for n, m in per[0].items() for k in m})
         final.update({"output/acc": last[out]["acc"], "output/loss": last[out]["loss"],
                       "wall_s": self._wall_s(), **{f"time/{k}": v for k, v in self.timer.totals.items()}})
         summary = {"output_name": out, "epochs": self.ctx.epoch, "steps": self.ctx.step, "final": final,

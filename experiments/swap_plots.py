@@ -1,0 +1,135 @@
+"""Figures for the SWAP table (the `plots:` hook of configs/reproduce/swap.yaml).
+
+accuracy_vs_time  test accuracy against wall time for SB, LB and SWAP (phase 1, each phase-2
+                  worker, the phase-3 average), one seed, from the runs' evaluation history.
+error_plane       test error on the plane through three phase-2 workers' weights (the paper's
+                  figure): the workers' final weights come from the pinned phase-3 checkpoint
+                  (rank r holds worker r when workers are single processes); every grid point
+                  gets its BN statistics recomputed before it is evaluated.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E402
+
+from swa_lib.averaging import update_bn_  # noqa: E402
+from swa_lib.config import load_config  # noqa: E402
+from swa_lib.methods.base import DataShard  # noqa: E402
+from swa_lib.workload import Workload  # noqa: E402
+
+COLORS = {"SB": "tab:blue", "LB": "tab:orange", "SWAP": "tab:green"}
+
+
+def _run_dir(run_base: Path, label: str, seed: int) -> Path:
+    return run_base / f"{label}-s{seed}"
+
+
+def accuracy_vs_time(spec, summaries, run_base, results_dir, seed=None):
+    seed = spec["seeds"][0] if seed is None else seed
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in spec["rows"]:
+        label = row["label"]
+        history = summaries[(label, seed)]["history"]
+        color = COLORS.get(label, None)
+        if label != "SWAP":
+            ax.plot([h["wall_s"] for h in history], [100 * h["results"]["model"]["acc"] for h in history],
+                    "o-", color=color, label=label, ms=3)
+            continue
+        # The loop evaluates at every phase switch: the first grouped entry is the phase-1 model.
+        grouped = [h for h in history if "groups" in h]
+        phase1 = [h for h in history if "groups" not in h] + grouped[:1]
+        ax.plot([h["wall_s"] for h in phase1], [100 * h["results"]["model"]["acc"] for h in phase1], "o-",
+                color=color, label="SWAP phase 1 (large batch)", ms=3)
+        for k in sorted(grouped[0]["groups"], key=int) if grouped else []:
+            ax.plot([h["wall_s"] for h in grouped], [100 * h["groups"][k]["model"]["acc"] for h in grouped], "-",
+                    color=color, alpha=0.45, lw=1, label="SWAP phase 2 workers" if k == "0" else None)
+        last = history[-1]
+        ax.plot([last["wall_s"]], [100 * last["results"]["swap"]["acc"]], "*", color="tab:red", ms=14,
+                label="SWAP phase 3 (average)")
+        ax.axvline(phase1[-1]["wall_s"], color=color, ls=":", lw=1)
+    ax.set_xlabel("wall time (s, measured on this machine; evaluation included)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"SB, LB and SWAP, seed {seed}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(results_dir) / "swap_accuracy_vs_time.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [("Test accuracy against wall time: SB, LB, and SWAP's phases (one seed)", path)]
+
+
+@torch.no_grad()
+def _test_error(model, loader) -> float:
+    model.eval()
+    wrong = total = 0
+    for x, y in loader:
+        wrong += (model(x).argmax(1) != y).sum().item()
+        total += len(y)
+    return 100 * wrong / total
+
+
+def error_plane(spec, summaries, run_base, results_dir, seed=None, grid=7, margin=0.35, test_images=1000,
+                bn_batches=5):
+    seed = spec["seeds"][0] if seed is None else seed
+    run_dir = _run_dir(Path(run_base), "SWAP", seed)
+    tag = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["tag"]
+    cfg = load_config(run_dir / "config.yaml", [f"data.test_subset={test_images}", "run.channels_last=false"])
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    workload = Workload(cfg, torch.device("cpu"))
+    model = workload.build_model()
+    states = [torch.load(run_dir / "checkpoints" / tag / f"rank{r}.pt", map_location="cpu", weights_only=False)["model"]
+              for r in range(3)]
+    points = []
+    for state in states:
+        model.load_state_dict(state)
+        points.append(parameters_to_vector(model.parameters()).clone())
+    origin = points[0]
+    u = points[1] - origin
+    u_hat = u / u.norm()
+    w = points[2] - origin
+    v = w - (w @ u_hat) * u_hat
+    v_hat = v / v.norm()
+    coords = [((p - origin) @ u_hat).item() for p in points], [((p - origin) @ v_hat).item() for p in points]
+    xs, ys = coords
+    span_x, span_y = max(xs) - min(xs), max(ys) - min(ys)
+    gx = torch.linspace(min(xs) - margin * span_x, max(xs) + margin * span_x, grid)
+    gy = torch.linspace(min(ys) - margin * span_y, max(ys) + margin * span_y, grid)
+    train = workload.train_loader(DataShard(0, 1, cfg.run.seed, cfg.optim.batch_size))
+    train.set_epoch(0)
+    test = workload.test_loader(0, 1)
+    errors = torch.zeros(grid, grid)
+    for i, a in enumerate(gx):
+        for j, b in enumerate(gy):
+            vector_to_parameters(origin + a * u_hat + b * v_hat, model.parameters())
+            update_bn_(model, train, max_batches=bn_batches)
+            errors[j, i] = _test_error(model, test)
+    centroid = torch.stack(points).mean(0)
+    vector_to_parameters(centroid, model.parameters())
+    update_bn_(model, train, max_batches=bn_batches)
+    centroid_error = _test_error(model, test)
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    contour = ax.contourf(gx.numpy(), gy.numpy(), errors.numpy(), levels=12, cmap="viridis_r")
+    fig.colorbar(contour, ax=ax, label=f"test error % ({test_images} test images)")
+    ax.plot(xs, ys, "o", color="white", mec="black", ms=8, label="phase-2 workers 0, 1, 2")
+    ax.plot([sum(xs) / 3], [sum(ys) / 3], "*", color="tab:red", ms=16,
+            label=f"their average ({centroid_error:.1f} % error)")
+    for k, (x, y) in enumerate(zip(xs, ys)):
+        ax.annotate(f"w{k}", (x, y), textcoords="offset points", xytext=(6, 6), color="white")
+    ax.set_xlabel("direction w1 - w0")
+    ax.set_ylabel("orthogonal direction towards w2")
+    ax.set_title(f"SWAP phase-2 workers, seed {seed}; BN recomputed at every point")
+    ax.legend(fontsize=8, loc="lower right")
+    path = Path(results_dir) / "swap_error_plane.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [("Test error on the plane through three phase-2 workers, with their average", path)]
