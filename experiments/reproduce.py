@@ -92,7 +92,7 @@ def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
     return lines
 
 
-def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s: float) -> Path:
+def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s: float, commit: str) -> Path:
     seeds, rows = spec["seeds"], spec["rows"]
     extra = spec.get("extra_columns", {})  # title -> summary metric, e.g. the SGD iterate of an SWA run
     error = spec.get("report", "accuracy") == "error"  # SWALP's tables are in test error
@@ -125,7 +125,7 @@ def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s:
     versions = library_versions()
     lines += ["", "## Provenance", "",
               f"- command: `{command}` (total {elapsed_s / 60:.1f} min)",
-              f"- commit: `{git_commit()}`",
+              f"- commit: `{commit}` (when the runs started)",
               f"- machine: {machine_description()}",
               f"- date: {dt.date.today().isoformat()}",
               f"- versions: torch {versions['torch']}, torchvision {versions['torchvision']}, "
@@ -156,9 +156,10 @@ def main() -> int:
         return 2
     spec = yaml.safe_load(spec_path.read_text())
     start = time.perf_counter()
+    commit = git_commit()  # the code the runs use; later commits must not be credited with them
     summaries = run_all(spec, args.table, args.reuse)
     command = "./run.sh reproduce " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    out = write_table(spec, args.table, summaries, command, time.perf_counter() - start)
+    out = write_table(spec, args.table, summaries, command, time.perf_counter() - start, commit)
     print(out.read_text())
     print(f"wrote {out.relative_to(ROOT)}; TensorBoard: tensorboard --logdir runs/reproduce/{args.table}")
     return 0
