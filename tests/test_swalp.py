@@ -1,4 +1,6 @@
 """The SWALP strategy in the one loop, on a small subset of real CIFAR-10."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,3 +61,11 @@ def test_average_false_is_low_precision_sgd(tmp_path):
 def test_bad_swalp_fields_are_named(override, field):
     with pytest.raises(ConfigError, match=field):
         load_config(None, ["method.name=swalp", override])
+
+
+@pytest.mark.timeout(300)
+def test_data_parallel_swalp_replicas_stay_identical_on_the_grid_under_mpirun(tmp_path):
+    from mpi_util import assert_ranks_said, run_mpi
+
+    script = Path(__file__).parent / "mpi_scripts" / "swalp_dp.py"
+    assert_ranks_said(run_mpi(2, script, [tmp_path], timeout_s=280), 2, "SWALP_DP_OK")
