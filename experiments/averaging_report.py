@@ -18,6 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from swa_lib.time_to_target import time_to_target  # noqa: E402
 
 
+def row_seeds(spec: dict, label: str) -> list[int]:
+    row = next(r for r in spec["rows"] if r["label"] == label)
+    return row.get("seeds", spec["seeds"])
+
+
 def mean_std(values, fmt="{:.2f}") -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -101,12 +106,14 @@ def _time_to_target(spec, summaries, seeds, results_dir: Path) -> list:
 
 def _window_sweep(spec, summaries, seeds, results_dir: Path) -> list:
     row = spec["averaging"]["sweep_row"]
+    seeds = row_seeds(spec, row)
     runs = [summaries[(row, s)] for s in seeds]
     total = runs[0]["steps"]
     names = sorted((n for n in runs[0]["history"][-1]["results"] if n != "model"), key=window_steps)
     half = [max(st for st in curve(runs[0], "model")[0] if st <= total // 2)]
     lines = ["## 2. Window sweep", "",
-             f"One cosine run per seed, T = {total} steps, all averages evaluated on the side. Window = nu x L "
+             f"One cosine run per seed (seeds {seeds}), T = {total} steps, all averages evaluated on the side. "
+             "Window = nu x L "
              f"(LAWA) or nu / (1 - beta) (EMA). Accuracy at the end and at step {half[0]} (mid-training, "
              "where the LR is still high); gains are paired against the same run's training model.", "",
              "| average | window steps | window / T | final acc % | final gain (pts) | mid acc % | mid gain (pts) |",
@@ -135,7 +142,7 @@ def _window_sweep(spec, summaries, seeds, results_dir: Path) -> list:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return lines + [("Window sweep: accuracy gain of the average over its own training model (mean of 3 seeds)", path)]
+    return lines + [(f"Window sweep: accuracy gain of the average over its own training model (seeds {seeds})", path)]
 
 
 def _lr_decay(spec, summaries, seeds, results_dir: Path) -> list:
@@ -147,20 +154,24 @@ def _lr_decay(spec, summaries, seeds, results_dir: Path) -> list:
         lawa = next(n[:-4] for n in names if n.startswith("lawa"))
         ema = next(n[:-4] for n in names if n.startswith("ema"))
         schedules[row.replace(" +averages", "")] = {"model": (row, "model"), "LAWA": (row, lawa), "EMA": (row, ema)}
-    acc = {(sch, k): [100 * summaries[(r, s)]["final"][f"{n}/acc"] for s in seeds]
+    # Every schedule is compared on the seeds all its rows ran with (rows may cut seeds).
+    common = {sch: [s for s in seeds if all(s in row_seeds(spec, r) for r, _ in series.values())]
+              for sch, series in schedules.items()}
+    acc = {(sch, k): {s: 100 * summaries[(r, s)]["final"][f"{n}/acc"] for s in common[sch]}
            for sch, series in schedules.items() for k, (r, n) in series.items()}
     ref = acc[("cosine to 0", "model")]
     lines = ["## 3. Can averaging replace LR decay?", "",
              "Final test accuracy (%) of the training model and of its averages under three schedules "
              "(same peak LR, same budget). Gain = average minus the same run's model (paired per seed); "
              "vs cosine = average minus the cosine-to-0 baseline without averaging.", "",
-             "| schedule | model | LAWA | EMA | LAWA gain | EMA gain | LAWA vs cosine | EMA vs cosine |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| schedule | seeds | model | LAWA | EMA | LAWA gain | EMA gain | LAWA vs cosine | EMA vs cosine |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for sch in schedules:
         m, la, em = acc[(sch, "model")], acc[(sch, "LAWA")], acc[(sch, "EMA")]
-        d = lambda a, b: [x - y for x, y in zip(a, b)]  # noqa: E731
-        lines.append(f"| {sch} | {mean_std(m)} | {mean_std(la)} | {mean_std(em)} | {mean_std(d(la, m))} | "
-                     f"{mean_std(d(em, m))} | {mean_std(d(la, ref))} | {mean_std(d(em, ref))} |")
+        d = lambda a, b: [a[s] - b[s] for s in a]  # noqa: E731  (same seeds, paired)
+        v = lambda a: list(a.values())  # noqa: E731
+        lines.append(f"| {sch} | {common[sch]} | {mean_std(v(m))} | {mean_std(v(la))} | {mean_std(v(em))} | "
+                     f"{mean_std(d(la, m))} | {mean_std(d(em, m))} | {mean_std(d(la, ref))} | {mean_std(d(em, ref))} |")
     fig, axes = plt.subplots(1, len(schedules), figsize=(4.2 * len(schedules), 3.6), sharey=True)
     for ax, (sch, series) in zip(axes, schedules.items()):
         for (k, (r, n)), color in zip(series.items(), ("black", "tab:blue", "tab:orange")):

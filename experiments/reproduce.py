@@ -44,7 +44,7 @@ def run_all(spec: dict, name: str, reuse: bool) -> dict:
     base = ROOT / "runs" / "reproduce" / name
     if base.exists() and not reuse:
         shutil.rmtree(base)
-    jobs = [(row, seed) for row in spec["rows"] for seed in spec["seeds"]]
+    jobs = [(row, seed) for row in spec["rows"] for seed in row.get("seeds", spec["seeds"])]  # a row may cut seeds
     summaries: dict = {}
     bar = tqdm(jobs, desc=f"reproduce {name}", unit="run", dynamic_ncols=True)
     for row, seed in bar:
@@ -99,17 +99,19 @@ def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s:
     as_pct = (lambda a: 100 * (1 - a)) if error else (lambda a: 100 * a)
     what = "test error %" if error else "test acc %"
     lines = [f"# {spec['title']}", "", spec.get("description", "").strip(), "",
-             f"{what[:-2].capitalize()} (%) and wall time (s): mean ± sample std over seeds {seeds}.", "",
+             f"{what[:-2].capitalize()} (%) and wall time (s): mean ± sample std over seeds {seeds}"
+             + ("; rows with fewer seeds list them" if any("seeds" in r for r in rows) else "") + ".", "",
              f"| method | {what} | " + "".join(f"{t} | " for t in extra) + f"wall time s | per-seed {what} |",
              "|---|---|" + "---|" * len(extra) + "---|---|"]
     acc = {}
     for row in rows:
         label = row["label"]
-        final = [summaries[(label, s)]["final"] for s in seeds]
+        final = [summaries[(label, s)]["final"] for s in row.get("seeds", seeds)]
         acc[label] = [as_pct(f["output/acc"]) for f in final]
         cells = "".join((f"{mean_std([as_pct(f[m]) if m.endswith('/acc') else f[m] for f in final])} | "
                          if all(m in f for f in final) else "– | ") for m in extra.values())
-        lines.append(f"| {label} | {mean_std(acc[label])} | {cells}{mean_std([f['wall_s'] for f in final])} | "
+        label_seeds = f" (seeds {row['seeds']})" if "seeds" in row else ""
+        lines.append(f"| {label}{label_seeds} | {mean_std(acc[label])} | {cells}{mean_std([f['wall_s'] for f in final])} | "
                      f"{', '.join(f'{a:.2f}' for a in acc[label])} |")
     if spec.get("paired"):
         lines += ["", "Paired differences (same seed; percentage points):", "",
