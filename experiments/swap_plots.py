@@ -24,7 +24,7 @@ from swa_lib.config import load_config  # noqa: E402
 from swa_lib.methods.base import DataShard  # noqa: E402
 from swa_lib.workload import Workload  # noqa: E402
 
-COLORS = {"SB": "tab:blue", "LB": "tab:orange", "SWAP": "tab:green"}
+COLORS = {"SB": "tab:blue", "LB": "tab:orange", "SWAP": "tab:green", "SWAP long phase 2": "tab:purple"}
 
 
 def _run_dir(run_base: Path, label: str, seed: int) -> Path:
@@ -38,7 +38,7 @@ def accuracy_vs_time(spec, summaries, run_base, results_dir, seed=None):
         label = row["label"]
         history = summaries[(label, seed)]["history"]
         color = COLORS.get(label, None)
-        if label != "SWAP":
+        if "swap" not in history[-1]["results"]:  # SB, LB: one synchronous model
             ax.plot([h["wall_s"] for h in history], [100 * h["results"]["model"]["acc"] for h in history],
                     "o-", color=color, label=label, ms=3)
             continue
@@ -46,13 +46,13 @@ def accuracy_vs_time(spec, summaries, run_base, results_dir, seed=None):
         grouped = [h for h in history if "groups" in h]
         phase1 = [h for h in history if "groups" not in h] + grouped[:1]
         ax.plot([h["wall_s"] for h in phase1], [100 * h["results"]["model"]["acc"] for h in phase1], "o-",
-                color=color, label="SWAP phase 1 (large batch)", ms=3)
+                color=color, label=f"{label}: phase 1 (large batch)", ms=3)
         for k in sorted(grouped[0]["groups"], key=int) if grouped else []:
             ax.plot([h["wall_s"] for h in grouped], [100 * h["groups"][k]["model"]["acc"] for h in grouped], "-",
-                    color=color, alpha=0.45, lw=1, label="SWAP phase 2 workers" if k == "0" else None)
+                    color=color, alpha=0.45, lw=1, label=f"{label}: phase 2 workers" if k == "0" else None)
         last = history[-1]
-        ax.plot([last["wall_s"]], [100 * last["results"]["swap"]["acc"]], "*", color="tab:red", ms=14,
-                label="SWAP phase 3 (average)")
+        ax.plot([last["wall_s"]], [100 * last["results"]["swap"]["acc"]], "*", color=color, mec="black", ms=14,
+                label=f"{label}: phase 3 (average)")
         ax.axvline(phase1[-1]["wall_s"], color=color, ls=":", lw=1)
     ax.set_xlabel("wall time (s, measured on this machine; evaluation included)")
     ax.set_ylabel("test accuracy (%)")
