@@ -84,6 +84,20 @@ def _time_to_target(spec, summaries, seeds, results_dir: Path) -> list:
         lines.append(f"| {row} | {mine} | {summaries[(row, mine[0])]['output_name']} | {mean_std(steps, '{:.0f}')} "
                      f"({n}/{len(mine)} reached) | {mean_std(r_steps)} | {mean_std(secs, '{:.1f}')} | "
                      f"{mean_std(r_secs)} | {', '.join(f'{p:.0f}' for p in per_step)} | {mean_std(final)} |")
+    # Lower targets: where in training the averages help (their gain shrinks as the LR goes to zero).
+    lines += ["", "Ratio of steps to lower targets (fractions of the target above; mean over each row's seeds, "
+              "paired with the baseline's seed):", "",
+              "| target acc % | " + " | ".join(f"{row} steps" for row in cfg["time_to_target"]) + " | "
+              + " | ".join(f"{row} ratio" for row in cfg["time_to_target"][1:]) + " |",
+              "|---|" + "---|" * (2 * len(cfg["time_to_target"]) - 1)]
+    for fraction in (0.8, 0.85, 0.9, 0.95, 1.0):
+        hit = {row: {s: time_to_target(summaries[(row, s)]["history"], fraction * target)[
+            summaries[(row, s)]["output_name"]] for s in row_seeds(spec, row)} for row in cfg["time_to_target"]}
+        cells = [mean_std([h["step"] if h else None for h in hit[row].values()], "{:.0f}")
+                 for row in cfg["time_to_target"]]
+        ratios = [mean_std([h["step"] / hit[base][s]["step"] if h and hit[base][s] else None
+                            for s, h in hit[row].items()]) for row in cfg["time_to_target"][1:]]
+        lines.append(f"| {100 * fraction * target:.1f} | " + " | ".join(cells + ratios) + " |")
     # The averaging runs train exactly the baseline's model: their "model" curves must coincide.
     diffs = [abs(a - b) for row in cfg["time_to_target"][1:] for s in row_seeds(spec, row)
              for a, b in zip(curve(summaries[(row, s)], "model")[1], curve(summaries[(base, s)], "model")[1])]
