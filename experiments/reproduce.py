@@ -120,9 +120,10 @@ def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s:
             label, _, metric = ref.partition("@")
             return acc[label] if not metric else [as_pct(summaries[(label, s)]["final"][metric]) for s in seeds]
 
-        for a, b in spec["paired"]:
+        for a, b, *title in spec["paired"]:  # an optional third entry names the difference
             diffs = [x - y for x, y in zip(values(a), values(b))]
-            lines.append(f"| {a} − {b} | {mean_std(diffs)} | {', '.join(f'{d:+.2f}' for d in diffs)} |")
+            name = title[0] if title else f"{a} − {b}"
+            lines.append(f"| {name} | {mean_std(diffs)} | {', '.join(f'{d:+.2f}' for d in diffs)} |")
     lines += make_plots(spec, name, summaries)
     versions = library_versions()
     lines += ["", "## Provenance", "",
