@@ -8,6 +8,7 @@ from __future__ import annotations
 from swa_lib.methods.base import Strategy, SGDConfig, DataShard
 from swa_lib.methods.swa import SWA, SWAConfig
 from swa_lib.methods.swalp import SWALP, SWALPConfig
+from swa_lib.methods.swap import SWAP, SWAPConfig
 from swa_lib.methods.hwa import HWA, HWAConfig
 from swa_lib.methods.lawa_ema_methods import AveragesConfig, EMAConfig, LAWAConfig, WeightAverages
 
@@ -32,11 +33,12 @@ def build_strategy(cfg) -> Strategy:
 register(SGDConfig, Strategy)
 register(SWAConfig, SWA)
 register(SWALPConfig, SWALP)
+register(SWAPConfig, SWAP)
 register(HWAConfig, HWA)
 register(LAWAConfig, WeightAverages)
 register(EMAConfig, WeightAverages)
 register(AveragesConfig, WeightAverages)
 
-__all__ = ["Strategy", "DataShard", "SGDConfig", "SWA", "SWAConfig", "SWALP", "SWALPConfig", "register", "build_strategy",
-           "method_config_class", "HWA", "HWAConfig",
+__all__ = ["Strategy", "DataShard", "SGDConfig", "SWA", "SWAConfig", "SWALP", "SWALPConfig", "SWAP", "SWAPConfig",
+           "register", "build_strategy", "method_config_class", "HWA", "HWAConfig",
            "WeightAverages", "LAWAConfig", "EMAConfig", "AveragesConfig"]
