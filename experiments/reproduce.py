@@ -122,8 +122,8 @@ def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s:
 
         for a, b, *title in spec["paired"]:  # an optional third entry names the difference
             diffs = [x - y for x, y in zip(values(a), values(b))]
-            name = title[0] if title else f"{a} − {b}"
-            lines.append(f"| {name} | {mean_std(diffs)} | {', '.join(f'{d:+.2f}' for d in diffs)} |")
+            what_diff = title[0] if title else f"{a} − {b}"
+            lines.append(f"| {what_diff} | {mean_std(diffs)} | {', '.join(f'{d:+.2f}' for d in diffs)} |")
     lines += make_plots(spec, name, summaries)
     versions = library_versions()
     lines += ["", "## Provenance", "",
