@@ -177,7 +177,7 @@ def _lr_decay(spec, summaries, seeds, results_dir: Path) -> list:
            for sch, series in schedules.items() for k, (r, n) in series.items()}
     ref = acc[("cosine to 0", "model")]
     lines = ["## 3. Can averaging replace LR decay?", "",
-             "Final test accuracy (%) of the training model and of its averages under three schedules "
+             "Final test accuracy (%) of the training model and of its averages under each schedule "
              "(same peak LR, same budget). Gain = average minus the same run's model (paired per seed); "
              "vs cosine = average minus the cosine-to-0 baseline without averaging.", "",
              "| schedule | seeds | model | LAWA | EMA | LAWA gain | EMA gain | LAWA vs cosine | EMA vs cosine |",
