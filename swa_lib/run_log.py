@@ -119,7 +119,9 @@ class RunLogger:
         self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the logs; safe to call twice."""
         if self.writer is not None:
             self.writer.close()
             self._jsonl.close()
+            self.writer = None
 

@@ -107,6 +107,7 @@ def test_average_survivors_averages_the_workers_that_finished(tmp_path):
     result = run_mpi(4, SCRIPT, ["survivors-kill", tmp_path], timeout_s=200, check=False,
                      mpirun_args=("--mca", "orte_abort_on_non_zero_status", "0"))
     assert result.returncode != 0, "mpirun should report the dead rank"
+    assert (tmp_path / "survivors.json").exists(), f"no survivors.json\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     report = json.loads((tmp_path / "survivors.json").read_text())
     assert report["averaged_workers"] == [0, 1, 3] and report["lost_workers"] == [2], report
     assert "averaged the 3 survivors [0, 1, 3]" in result.stdout, result.stdout[-3000:]

@@ -225,9 +225,15 @@ class SWAP(Strategy):
         m, ctx = self.cfg.method, self.ctx
         lost = sorted(set(range(m.workers)) - set(present))
         me = self.group.index
+        report = ctx.run_dir / "survivors.json"
         if me != min(present):
+            # Stay until the leader is done: Open MPI ends the job (leader included) as soon as one
+            # process exits without MPI_Finalize, which a survivor must skip (its peers are dead).
+            deadline = time.monotonic() + max(m.survivor_wait_s, 600.0)
+            while not report.exists() and time.monotonic() < deadline:
+                time.sleep(0.5)
             raise PartialWorldResult(f"workers {lost} did not finish phase 2; worker {min(present)} "
-                                     f"averages the {len(present)} survivors")
+                                     f"averaged the {len(present)} survivors into {report.parent}")
         self.average = copy.deepcopy(ctx.model)
         states = [torch.load(self._worker_file(k), map_location=ctx.device) for k in present]
         with torch.no_grad():
@@ -242,11 +248,13 @@ class SWAP(Strategy):
         acc = self._test_accuracy(self.average)
         result = {"averaged_workers": present, "lost_workers": lost, "epoch": ctx.epoch, "test_acc": acc}
         atomic_torch_save(self.average.state_dict(), ctx.run_dir / "final_model.pt")
-        atomic_write_text(json.dumps(result, indent=2), ctx.run_dir / "survivors.json")
         ctx.logger.scalars({"eval/swap_survivors/acc": acc}, ctx.step, epoch=ctx.epoch)
-        raise PartialWorldResult(f"workers {lost} did not finish phase 2; averaged the {len(present)} survivors "
-                                 f"{present}: test acc {acc:.4f}; wrote {ctx.run_dir / 'final_model.pt'} and "
-                                 f"{ctx.run_dir / 'survivors.json'}")
+        ctx.logger.close()
+        message = (f"workers {lost} did not finish phase 2; averaged the {len(present)} survivors {present}: "
+                   f"test acc {acc:.4f}; wrote {ctx.run_dir / 'final_model.pt'} and {report}")
+        print(message, flush=True)  # now: once the others see the report they leave, and mpirun may end us
+        atomic_write_text(json.dumps(result, indent=2), report)  # last: it releases the other survivors
+        raise PartialWorldResult(message)
 
     @torch.no_grad()
     def _test_accuracy(self, model: torch.nn.Module) -> float:
