@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
+import tiny_models  # noqa: F401 - registers the tiny test models
 from rank_harness import check, run_rank
 
 import data
-import models
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import load_config
@@ -32,20 +31,9 @@ PERIOD, WINDOW, EPOCHS, MODEL_BATCH = 3, 3, 2, 32  # 384 images / 32 = 12 steps 
 data.load_dataset = functools.lru_cache(data.load_dataset)  # six trainers here read the same arrays
 
 
-@models.register("hwa_tiny_bn")
-def hwa_tiny_bn(num_classes: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4),
-                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(16, num_classes))
 
 
-@models.register("hwa_tiny_no_bn")
-def hwa_tiny_no_bn(num_classes: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Conv2d(8, 16, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
-
-
-def overrides(groups, batch, model="hwa_tiny_bn", period=PERIOD, window=WINDOW, backend="horovod"):
+def overrides(groups, batch, model="tiny_cnn_bn", period=PERIOD, window=WINDOW, backend="horovod"):
     return ["method.name=hwa", f"method.groups={groups}", f"method.sync_period_steps={period}",
             f"method.window_cycles={window}", "data.dataset=cifar10_jpg", "data.train_subset=384",
             "data.test_subset=300", f"model.name={model}", f"optim.batch_size={batch}", "optim.lr=0.05",
@@ -128,12 +116,12 @@ def main():
           "resume: the training model differs from the uninterrupted run")
 
     # Last: init_comm("single") below gives this process all cores, which changes float sums.
-    independent = build_trainer(load_config(None, overrides(K, batch, "hwa_tiny_no_bn", period="null", window=1)),
+    independent = build_trainer(load_config(None, overrides(K, batch, "tiny_cnn_no_bn", period="null", window=1)),
                                 comm, run_dir / "independent")
     result = independent.fit()
     check(result["output_name"] == "model", result["output_name"])
     g, cfg = independent.strategy.group, independent.cfg
-    ref = build_trainer(load_config(None, overrides(1, MODEL_BATCH, "hwa_tiny_no_bn", period="null", window=1,
+    ref = build_trainer(load_config(None, overrides(1, MODEL_BATCH, "tiny_cnn_no_bn", period="null", window=1,
                                                     backend="single")),
                         init_comm("single"), run_dir / f"ref{comm.rank}")
     seed = cfg.run.seed + g.index * cfg.method.group_seed_stride  # the group's own data order

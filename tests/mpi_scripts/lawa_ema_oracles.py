@@ -10,11 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
+import tiny_models  # noqa: F401 - registers the tiny test models
 from rank_harness import check, run_rank
 
-import models
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import load_config
@@ -22,15 +21,10 @@ from swa_lib.config import load_config
 GLOBAL_BATCH = 64
 
 
-@models.register("tiny_cnn_no_bn_lawa")
-def tiny_cnn_no_bn(num_classes: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Conv2d(8, 16, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
-
 
 def overrides(batch: int, backend: str) -> list[str]:
     return ["data.dataset=cifar10_jpg", "data.train_subset=384", "data.test_subset=200",
-            "model.name=tiny_cnn_no_bn_lawa", f"optim.batch_size={batch}", "optim.lr=0.05", "schedule.epochs=2",
+            "model.name=tiny_cnn_no_bn", f"optim.batch_size={batch}", "optim.lr=0.05", "schedule.epochs=2",
             "eval.batch_size=100", "run.progress=false", f"dist.backend={backend}", "method.name=averages",
             "method.lawa=[{every_steps: 2, window: 3}]", "method.ema=[{every_steps: 1, decay: 0.9}]"]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import tiny_models  # noqa: F401 - registers the tiny test models
 from rank_harness import check, run_rank
 
-import models
 from swa_lib.averaging import update_bn_
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
@@ -22,11 +22,6 @@ from swa_lib.config import load_config
 
 GLOBAL_BATCH = 64
 
-
-@models.register("tiny_cnn_no_bn")
-def tiny_cnn_no_bn(num_classes: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Conv2d(8, 16, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
 
 
 def overrides(batch: int, backend: str) -> list[str]:
