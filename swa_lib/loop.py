@@ -296,13 +296,14 @@ class Trainer:
         last = self.history[-1]["results"]
         out = self.strategy.output_name
         final = {f"{n}/{k}": v for n, m in last.items() for k, v in m.items()}
-        for index, res in self.history[-1].get("groups", {}).items():  # per-worker results (SWAP, HWA)
+        groups = self.history[-1].get("groups", {})  # per-worker results (SWAP, HWA)
+        for index, res in groups.items():
             final.update({f"group{index}/{n}/{k}": v for n, m in res.items() for k, v in m.items()})
-        if "groups" in self.history[-1]:
-            per = list(self.history[-1]["groups"].values())
-            final.update({f"groups_mean/{n}/{k}": sum(r[n][k] for r in per) / len(per)
-                          for n, m in per[0].items() for k in m})
-            final.update({f"groups_max/{n}/{k}": max(r[n][k] for r in per) for n, m in per[0].items() for k in m})
+        per = list(groups.values())
+        for n, m in (per[0].items() if per else ()):
+            for k in m:
+                final[f"groups_mean/{n}/{k}"] = sum(r[n][k] for r in per) / len(per)
+                final[f"groups_max/{n}/{k}"] = max(r[n][k] for r in per)
         final.update({"output/acc": last[out]["acc"], "output/loss": last[out]["loss"],
                       "wall_s": self._wall_s(), **{f"time/{k}": v for k, v in self.timer.totals.items()}})
         summary = {"output_name": out, "epochs": self.ctx.epoch, "steps": self.ctx.step, "final": final,
