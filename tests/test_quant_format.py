@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from swa_lib.quant import BlockFloat, quantize
+from swa_lib.quant import BlockFloat, quantize, rounding_bits
 from quant_helpers import ALL_FORMATS, assert_on_grid, gen, varied_tensor
 
 
@@ -181,6 +181,23 @@ def test_big_block_exponents_far_beyond_sixty_do_not_raise(dtype, e):
     assert torch.equal(q, torch.tensor([2.0 ** e, 3 * 2.0 ** (e - 5), 0.0], dtype=dtype))
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocks_at_the_top_of_the_dtype_with_two_and_three_bit_words(dtype, rounding):
+    # max = 1.5 * 2^emax: e = emax, step 2^(emax - wl + 2), whose inverse is subnormal for wl 2
+    # (quantize shifts the block down first). Integers in [-2, 1] (wl 2) or [-4, 3] (wl 3):
+    # 1.5 * 2^emax -> 1 step of 2^emax (wl 2) or 3 steps of 2^(emax-1) (wl 3); -2^emax -> -1 or -2 steps;
+    # 2^(emax-3) is 1/8 or 1/4 of a step: 0 for nearest, one step or 0 for stochastic.
+    emax = {torch.float32: 127, torch.float64: 1023}[dtype]
+    x = torch.tensor([1.5 * 2.0 ** emax, -(2.0 ** emax), 2.0 ** (emax - 3)], dtype=dtype)
+    for wl, expected_top, step in ((2, 2.0 ** emax, 2.0 ** emax), (3, 1.5 * 2.0 ** emax, 2.0 ** (emax - 1))):
+        q = quantize(x.repeat(400, 1), BlockFloat(wl, "big", rounding), gen(13))
+        assert torch.equal(q[:, 0], torch.full((400,), expected_top, dtype=dtype))
+        assert torch.equal(q[:, 1], torch.full((400,), -(2.0 ** emax), dtype=dtype))
+        small = set(q[:, 2].tolist())
+        assert small == ({0.0} if rounding == "nearest" else {0.0, step})
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("fmt", ALL_FORMATS, ids=str)
 def test_non_finite_input_raises_value_error(fmt, bad):
@@ -233,7 +250,8 @@ def test_agrees_with_official_formula_on_ordinary_data(block, shape):
         v, _ = official_scaled(x, wl, block)
         ties = v - v.floor() == 0.5
         assert torch.equal(q != official_block_quantize(x, wl, block, "half_even"), ties)
-        # Stochastic: the same uniform noise gives the same values.
-        noise = torch.rand(x.shape, generator=gen(12))
+        # Stochastic: the same noise gives the same values. quantize draws 24-bit integers k
+        # and rounds up iff k + 1 <= frac(v) * 2^24, which is floor(v + U) for this U.
+        noise = 1 - (rounding_bits(x.shape, gen(12)).double() + 1) * 2.0 ** -24
         q = quantize(x, BlockFloat(wl, block, "stochastic"), gen(12)).double()
         assert torch.equal(q, official_block_quantize(x, wl, block, "stochastic", noise))

@@ -1,7 +1,8 @@
 """SWALP low precision, kept outside the training loop (Yang et al., ICML 2019).
 
   number    BlockFloat: word length, block design ("small" / "big"), rounding
-  quantize  quantize(x, fmt, generator): block floating point in plain torch ops
+  quantize  quantize(x, fmt, generator): block floating point in plain torch ops;
+            rounding_bits, the noise it draws for stochastic rounding
   modules   activation / error quantizers put into any model with forward pre-hooks
   optim     QuantizedSGD: quantized gradients, momentum, accumulator and weights
 A format of None means full precision wherever a format is taken.
@@ -12,10 +13,10 @@ from .modules import (ActivationErrorQuantizer, ActivationQuantizer, ErrorQuanti
                       remove_quantizers, set_quantizers_enabled)
 from .number import BlockFloat
 from .optim import QuantizedSGD
-from .quantize import quantize
+from .quantize import quantize, rounding_bits
 
 __all__ = [
-    "BlockFloat", "quantize", "quantize_activation_error", "ActivationErrorQuantizer",
+    "BlockFloat", "quantize", "rounding_bits", "quantize_activation_error", "ActivationErrorQuantizer",
     "ActivationQuantizer", "ErrorQuantizer", "insert_quantizers", "remove_quantizers",
     "set_quantizers_enabled", "quantizers_disabled", "QuantizedSGD",
 ]

@@ -14,21 +14,27 @@ Where this differs from the official SWALP quantizer (`models/quantizer.py`):
     are already on a grid), and all its other values were rounded again onto a grid
     twice as coarse. Data that was not quantized before almost never has such a minimum.
   * An all-zero block stays zero (official: 0 * inf = NaN).
-  * The grid step 2^(e-wl+2) is built exactly from exponent bits, and a block so tiny
-    that half a step would be subnormal is first lifted by an exact power of two. So
+  * The grid step 2^(e-wl+2) and its inverse are built exactly from exponent bits, and
+    a block whose step or inverse step would be subnormal is first shifted by an exact
+    power of two (up for tiny blocks, down for a few near the dtype's top). So
     tiny blocks (M < 2^-121 at wl 8 in float32, where the official scale 2^(wl-2-e)
     overflows) are quantized, not saturated, and no Python float math can raise
     OverflowError (official big-block path: exponents beyond about +-60).
   * The exponent is not clamped to 8 bits (official: [-128, 127]); it spans the dtype.
-  * Rounding decisions do not round v + U: with r = remainder(x, step) the result is
-    (x - r) + step * [r + U*step >= step] (nearest: [r >= step/2]). In float32 the
-    official v + U can itself round up to the next integer (probability about 2^-18
-    per element at |v| >= 64, wl 8), which moves values already on the grid.
+  * Rounding decisions do not round v + U. Working in grid units v = x / step (exact:
+    step is a power of two), with f = v - floor(v), stochastic rounding goes up iff
+    k + 1 <= f * 2^24 for a uniform 24-bit integer k, which is floor(v + U) with
+    U = (2^24 - 1 - k) / 2^24 decided exactly. In float32 the official v + U can itself
+    round up to the next integer (probability about 2^-18 per element at |v| >= 64,
+    wl 8), which moves values already on the grid.
+  * The noise is 24 random bits per element cut from int64 `random_` words (two elements
+    per word), about 3x cheaper on the CPU than torch.rand's float draw of the same bits.
   * Nearest rounds half up, floor(v + 0.5), like QPyTorch. The official code's
     torch.round rounds half to even.
   * NaN or inf input raises ValueError (official: silent garbage).
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -62,10 +68,12 @@ def _block_exponent(x: torch.Tensor, fmt: BlockFloat):
     """Shared exponent e of each block (int tensor shaped to broadcast against x),
     and a 0-d bool tensor saying whether every value is finite."""
     if fmt.block == "small" and x.dim() >= 2:
-        lo, hi = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
+        rows = x.reshape(x.shape[0], -1)
+        # amax and amin: on the CPU, aminmax over a dim is about 5x slower than the two.
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
         block_shape = (x.shape[0],) + (1,) * (x.dim() - 1)
     else:
-        lo, hi = torch.aminmax(x)
+        lo, hi = x.amin(), x.amax()
         block_shape = ()
     max_abs = torch.maximum(hi, -lo)
     mantissa, exponent = torch.frexp(max_abs)  # max_abs = mantissa * 2^exponent, exactly
@@ -73,6 +81,22 @@ def _block_exponent(x: torch.Tensor, fmt: BlockFloat):
     # -2^E alone at the top: use E - 1, where it is the integer -2^(wl-1) (see module doc).
     e = e - ((mantissa == 0.5) & (hi < max_abs)).to(e.dtype)
     return e.reshape(block_shape), torch.isfinite(max_abs).all()
+
+
+NOISE_BITS = 24
+
+
+def rounding_bits(shape, generator: Optional[torch.Generator] = None,
+                  device: Optional[torch.device] = None) -> torch.Tensor:
+    """The stochastic-rounding noise of `quantize`: uniform integers in [0, 2^24), int32.
+
+    Drawn as ceil(n / 2) int64 `random_` words from `generator` on `device`, each split
+    into two 32-bit halves whose low 24 bits are kept. Exposed so that tests can
+    replay exactly the noise a call used.
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(generator=generator)
+    return words.view(torch.int32)[:n].bitwise_and_((1 << NOISE_BITS) - 1).reshape(shape)
 
 
 def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
@@ -84,20 +108,20 @@ def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
             Half types are computed in float32 and cast back, exact while the grid fits
             them (wl <= 9 for bfloat16, <= 12 for float16, inside their exponent range).
         fmt: the format; None means full precision and returns x itself.
-        generator: source of the stochastic-rounding noise U, on x's device. The noise
-            is exactly one `torch.rand(x.shape, dtype=D, device=x.device,
-            generator=generator)`, D float64 for float64 input and float32 otherwise,
-            drawn after the input is checked; nearest rounding draws nothing.
+            generator: source of the stochastic-rounding noise, on x's device: exactly one
+            `rounding_bits(x.shape, generator, x.device)`, drawn after the input is
+            checked; nearest rounding draws nothing.
 
-    Works in x's units with the grid step 2^(e-wl+2). r = remainder(x, step) is exact
-    (fmod), except for negative x less than half a step from zero, where r is rounded
-    to step * 2^-24 (float32); a stochastic decision can then differ from exact
-    arithmetic with probability at most 2^-24. Nearest decisions are exact.
+    Works in grid units v = x / 2^(e-wl+2), exact. f = v - floor(v) is exact except for
+    negative v above -1/2, where it rounds (float32: to 2^-24); a stochastic decision
+    can then differ from exact arithmetic with probability at most 2^-24. Nearest
+    decisions are exact. Stochastic rounding is unbiased up to the 2^-24 resolution of
+    the noise: P(up) = floor(f * 2^24) / 2^24.
     Not differentiable (runs under no_grad); the straight-through use in training is in
     `modules.ActivationErrorQuantizer`. Raises ValueError on NaN or inf input.
-    Cost (eager torch ops): one min/max reduction, then 5 elementwise passes (nearest)
-    or 7 (stochastic, counting the noise draw); two new tensors; one device-to-host
-    sync per call, for the finiteness check.
+    Cost (eager torch ops): a min and a max reduction, then 6 elementwise passes
+    (nearest) or 9 plus the noise draw (stochastic); two new tensors (three with noise);
+    one device-to-host sync per call, for the finiteness check.
     """
     if check_format(fmt, "fmt") is None:
         return x
@@ -111,33 +135,34 @@ def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
         xc = x.detach().to(dtype)
         e, finite = _block_exponent(xc, fmt)
         step_exp = e - (fmt.word_length_bits - 2)  # grid step = 2^step_exp
-        # Tiny blocks: lift them so that even the half step 2^(step_exp-1) is a normal
-        # number; scaling by a power of two is exact both ways.
+        # Grid units need both 2^step_exp and 2^-step_exp to be normal numbers. Blocks
+        # outside that range are first shifted by an exact power of two 2^shift_exp (up
+        # for tiny blocks, down for the few near the dtype's top) and shifted back at the
+        # end. Down-shifting can make values far below the block's max subnormal; they
+        # lie below 2^-240 steps, where no rounding decision depends on their lost bits.
         lowest_exp = 2 - _FLOAT_LAYOUT[dtype][1]  # -125 (float32), -1021 (float64)
-        lift_exp = (lowest_exp - step_exp).clamp_(min=0)
-        is_finite, needs_lift = torch.stack([finite, (lift_exp > 0).any()]).tolist()
+        shift_exp = (lowest_exp - step_exp).clamp_(min=0) - (step_exp + lowest_exp).clamp_(min=0)
+        is_finite, needs_shift = torch.stack([finite, (shift_exp != 0).any()]).tolist()
         if not is_finite:
             bad = (~torch.isfinite(xc)).sum().item()
             raise ValueError(f"quantize got a tensor with non-finite values "
                              f"({bad} of {x.numel()} elements are NaN or inf), shape "
                              f"{tuple(x.shape)}; expected finite values")
-        if needs_lift:
-            xc = xc * _exact_pow2(lift_exp, dtype)
-            step_exp = step_exp + lift_exp
-        step = _exact_pow2(step_exp, dtype)
-        low = torch.remainder(xc, step)  # x - floor(x / step) * step, in [0, step)
+        if needs_shift:
+            xc = xc * _exact_pow2(shift_exp, dtype)
+            step_exp = step_exp + shift_exp
+        v = xc * _exact_pow2(-step_exp, dtype)  # grid units, exact: |v| <= 2^(wl-1)
+        q = torch.floor(v)
+        frac = v.sub_(q)  # in [0, 1]
         if fmt.rounding == "stochastic":
-            noise = torch.rand(x.shape, dtype=dtype, device=x.device, generator=generator)
-            # floor(v + U) = floor(v) + [frac(v) + U >= 1], decided without rounding v + U
-            round_up = torch.addcmul(low, noise, step, out=noise).ge_(step)
+            k = rounding_bits(x.shape, generator, x.device)
+            # k + 1 <= f * 2^24  <=>  k - f * 2^24 <= -1, exact in the compute dtype
+            round_up = k.to(dtype).sub_(frac, alpha=1 << NOISE_BITS).le_(-1)
         else:
-            # Half up. A float 0/1 result: a bool one would be converted inside addcmul_.
-            round_up = torch.ge(low, _exact_pow2(step_exp - 1, dtype),
-                                out=torch.empty_like(low))
-        q = torch.sub(xc, low, out=low)  # floor(x / step) * step, exact
-        q.addcmul_(round_up, step)
+            round_up = frac.ge_(0.5)  # half up; a float 0/1 in place
+        q.add_(round_up)
         # Only the top can overflow (|x| < 2^(e+1)); the bottom bound is for clarity.
-        torch.clamp(q, step * fmt.int_min, step * fmt.int_max, out=q)
-        if needs_lift:
-            q.mul_(_exact_pow2(-lift_exp, dtype))
+        q.clamp_(fmt.int_min, fmt.int_max).mul_(_exact_pow2(step_exp, dtype))
+        if needs_shift:
+            q.mul_(_exact_pow2(-shift_exp, dtype))
         return q.to(x.dtype)
