@@ -9,6 +9,9 @@
 4. H = null (independent training): each group's model equals a one-process run with the
    group's batch and data seed (a BN-free model, so batch statistics cannot differ).
 5. Stopped after one epoch and resumed: model, window and cycle counter as in 1-2, bitwise.
+6. The other sync modes, one epoch each: momentum "keep" leaves every rank's momentum as it
+   was, "reset" zeroes it, and average_buffers false leaves every rank's BN statistics as they
+   were (while the default averages them: after a sync they agree on every rank).
 Usage: hwa_oracles.py K RUN_DIR
 """
 import functools
@@ -33,12 +36,12 @@ data.load_dataset = functools.lru_cache(data.load_dataset)  # six trainers here 
 
 
 
-def overrides(groups, batch, model="tiny_cnn_bn", period=PERIOD, window=WINDOW, backend="horovod"):
+def overrides(groups, batch, model="tiny_cnn_bn", period=PERIOD, window=WINDOW, backend="horovod", epochs=EPOCHS):
     return ["method.name=hwa", f"method.groups={groups}", f"method.sync_period_steps={period}",
             f"method.window_cycles={window}", "data.dataset=cifar10_jpg", "data.train_subset=384",
             "data.test_subset=300", f"model.name={model}", f"optim.batch_size={batch}", "optim.lr=0.05",
-            f"schedule.epochs={EPOCHS}", "eval.batch_size=100", "eval.bn_update_batches=4", "run.progress=false",
-            f"dist.backend={backend}", f"eval.every_epochs={EPOCHS}", "run.checkpoint_every_epochs=0"]
+            f"schedule.epochs={epochs}", "eval.batch_size=100", "eval.bn_update_batches=4", "run.progress=false",
+            f"dist.backend={backend}", f"eval.every_epochs={epochs}", "run.checkpoint_every_epochs=0"]
 
 
 def state_of(trainer):
@@ -70,6 +73,44 @@ def watch_syncs(trainer, comm, log):
                 check(torch.equal(a, after) == (index == strategy.group.index),
                       f"step {step}: a group member differs, or two groups agree between syncs")
     strategy.after_step = after_step
+
+
+def float_buffers(model):
+    return torch.cat([b.detach().reshape(-1).float() for b in model.buffers() if b.is_floating_point()])
+
+
+def check_sync_modes(trainer, comm):
+    """(6): at every sync, the weights become the mean of the groups on every rank, and the
+    momentum and BN statistics do what the config says."""
+    strategy, m = trainer.strategy, trainer.cfg.method
+    original, seen = strategy.after_step, []
+
+    def after_step(step):
+        w0, mom0 = state_of(trainer)
+        buf0 = float_buffers(trainer.ctx.model)
+        original(step)
+        w1, mom1 = state_of(trainer)
+        buf1 = float_buffers(trainer.ctx.model)
+        if step % PERIOD:
+            return
+        everyone = comm.allgather_object((strategy.group.rank, w0, w1, buf1))
+        hand = torch.stack([e[1] for e in everyone if e[0] == 0]).double().mean(0).float()
+        check(all(torch.equal(e[2], w1) for e in everyone) and (w1 - hand).abs().max().item() < 1e-6,
+              f"{m.momentum}/buffers {m.average_buffers}, step {step}: weights are not the groups' mean everywhere")
+        if m.momentum == "keep":
+            check(torch.equal(mom1, mom0), f"momentum keep, step {step}: the sync changed this rank's momentum")
+        if m.momentum == "reset":
+            check(mom1.numel() > 0 and not mom1.any(), f"momentum reset, step {step}: momentum is not zero")
+        if m.average_buffers:
+            check(all(torch.equal(e[3], buf1) for e in everyone), f"step {step}: BN statistics differ after a sync")
+        else:
+            check(torch.equal(buf1, buf0), f"average_buffers false, step {step}: the sync changed BN statistics")
+            check(any(not torch.equal(e[3], buf1) for e in everyone),
+                  f"average_buffers false, step {step}: every group has the same BN statistics (nothing tested)")
+        seen.append(step)
+    strategy.after_step = after_step
+    trainer.fit()
+    check(len(seen) == 384 // MODEL_BATCH // PERIOD, f"{len(seen)} syncs checked")
 
 
 def main():
@@ -114,6 +155,11 @@ def main():
           "resume: window or cycle counter differ")
     check(torch.equal(flat_parameters(resumed.ctx.model), flat_parameters(main_run.ctx.model)),
           "resume: the training model differs from the uninterrupted run")
+
+    for extra in (["method.momentum=keep"], ["method.momentum=reset"], ["method.average_buffers=false"]):
+        name = extra[0].split(".")[1].replace("=", "_")
+        check_sync_modes(build_trainer(load_config(None, overrides(K, batch, epochs=1) + extra), comm,
+                                       run_dir / name), comm)
 
     # Last: init_comm("single") below gives this process all cores, which changes float sums.
     independent = build_trainer(load_config(None, overrides(K, batch, "tiny_cnn_no_bn", period="null", window=1)),
