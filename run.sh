@@ -2,6 +2,8 @@
 # One entry point for this repository. Every command installs what is missing first.
 #
 #   ./run.sh reproduce baselines     regenerate results/baselines_cifar10_reduced.md (the main job)
+#   ./run.sh reproduce NAME | all    any table of configs/reproduce/ (swap, swalp, hwa, averaging,
+#                                    averaging_tiny), or all of them in turn (about 3 h on 2 cores)
 #   ./run.sh test [pytest args]      the whole test suite (what CI runs)
 #   ./run.sh setup                   only install (Open MPI, .venv, Horovod)
 #   ./run.sh mpirun -np 4 python experiments/baselines.py --config configs/...
@@ -36,6 +38,6 @@ case "$cmd" in
   python)
     tools/setup.sh >/dev/null
     exec python "$@" ;;
-  help|-h|--help) sed -n '2,13p' "$0" ;;
-  *) echo "run.sh: unknown command '$cmd'" >&2; sed -n '2,13p' "$0" >&2; exit 2 ;;
+  help|-h|--help) sed -n '2,15p' "$0" ;;
+  *) echo "run.sh: unknown command '$cmd'" >&2; sed -n '2,15p' "$0" >&2; exit 2 ;;
 esac

@@ -1,6 +1,7 @@
 """Regenerate a results table from scratch: every (method, seed) run, then the markdown.
 
     ./run.sh reproduce baselines            # configs/reproduce/baselines.yaml
+    ./run.sh reproduce all                  # every spec in configs/reproduce/, in turn
     python experiments/reproduce.py baselines --reuse   # keep finished runs, redo the rest
 
 A table spec (configs/reproduce/<name>.yaml) lists the rows (label, config, overrides),
@@ -14,7 +15,6 @@ import datetime as dt
 import importlib
 import json
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -147,24 +147,30 @@ def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s:
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", help="name of a spec in configs/reproduce/")
-    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished")
-    args = parser.parse_args()
-    spec_path = ROOT / "configs" / "reproduce" / f"{args.table}.yaml"
-    if not spec_path.exists():
-        known = sorted(p.stem for p in spec_path.parent.glob("*.yaml"))
-        print(f"reproduce: no table {args.table!r}; known: {', '.join(known)}", file=sys.stderr)
-        return 2
-    spec = yaml.safe_load(spec_path.read_text())
+def reproduce(table: str, reuse: bool) -> Path:
+    spec = yaml.safe_load((ROOT / "configs" / "reproduce" / f"{table}.yaml").read_text())
     start = time.perf_counter()
     commit = git_commit()  # the code the runs use; later commits must not be credited with them
-    summaries = run_all(spec, args.table, args.reuse)
-    command = "./run.sh reproduce " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    out = write_table(spec, args.table, summaries, command, time.perf_counter() - start, commit)
+    summaries = run_all(spec, table, reuse)
+    command = f"./run.sh reproduce {table}" + (" --reuse" if reuse else "")
+    out = write_table(spec, table, summaries, command, time.perf_counter() - start, commit)
     print(out.read_text())
-    print(f"wrote {out.relative_to(ROOT)}; TensorBoard: tensorboard --logdir runs/reproduce/{args.table}")
+    print(f"wrote {out.relative_to(ROOT)}; TensorBoard: tensorboard --logdir runs/reproduce/{table}")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", help="name of a spec in configs/reproduce/, or 'all' for every spec in turn")
+    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished")
+    args = parser.parse_args()
+    known = sorted(p.stem for p in (ROOT / "configs" / "reproduce").glob("*.yaml"))
+    if args.table != "all" and args.table not in known:
+        print(f"reproduce: no table {args.table!r}; known: {', '.join(known)}, or all", file=sys.stderr)
+        return 2
+    written = [reproduce(table, args.reuse) for table in (known if args.table == "all" else [args.table])]
+    if len(written) > 1:
+        print("wrote " + ", ".join(str(p.relative_to(ROOT)) for p in written))
     return 0
 
 

@@ -90,3 +90,22 @@ def test_every_shipped_config_is_valid():
     assert configs, "no configs found"
     for path in configs:
         load_config(path)
+
+
+def test_every_reproduce_spec_names_valid_runs():
+    """Each table spec's rows load (config + overrides), and every label it refers to is a row."""
+    specs = sorted((ROOT / "configs" / "reproduce").glob("*.yaml"))
+    assert len(specs) >= 6, specs
+    for path in specs:
+        spec = yaml.safe_load(path.read_text())
+        labels = [row["label"] for row in spec["rows"]]
+        assert len(set(labels)) == len(labels), f"{path.name}: duplicate labels"
+        for row in spec["rows"]:
+            entry = row.get("entry", spec.get("entry"))
+            assert entry and (ROOT / entry).exists(), f"{path.name}: row {row['label']!r} has no entry script"
+            load_config(ROOT / row["config"], row.get("overrides", []))
+        referred = [ref.partition("@")[0] for pair in spec.get("paired", []) for ref in pair[:2]]
+        averaging = spec.get("averaging", {})
+        referred += [averaging[k] for k in ("baseline", "sweep_row") if k in averaging]
+        referred += averaging.get("time_to_target", []) + averaging.get("lr_decay_rows", [])
+        assert set(referred) <= set(labels), f"{path.name}: {set(referred) - set(labels)} are not rows"
