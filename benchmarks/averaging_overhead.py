@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import statistics
 import sys
 import time
@@ -111,7 +112,7 @@ def main() -> int:
               "setting) the cost per step is that divided by nu.", "",
               f"- command: `./run.sh python benchmarks/averaging_overhead.py --repeats {args.repeats} "
               f"--steps {args.steps} --updates {args.updates} --batch {args.batch} --window {args.window}`",
-              f"- machine: {machine_description()} (shared with other jobs; run under /tmp/swa_heavy.lock)",
+              f"- machine: {machine_description()}; load average at start: {os.getloadavg()[0]:.1f}",
               f"- torch {torch.__version__}", f"- commit: `{git_commit()}`", f"- date: {dt.date.today().isoformat()}"]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
