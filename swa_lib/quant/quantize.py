@@ -108,7 +108,7 @@ def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
             Half types are computed in float32 and cast back, exact while the grid fits
             them (wl <= 9 for bfloat16, <= 12 for float16, inside their exponent range).
         fmt: the format; None means full precision and returns x itself.
-            generator: source of the stochastic-rounding noise, on x's device: exactly one
+        generator: source of the stochastic-rounding noise, on x's device: exactly one
             `rounding_bits(x.shape, generator, x.device)`, drawn after the input is
             checked; nearest rounding draws nothing.
 
