@@ -32,8 +32,10 @@ def test_swalp_with_every_format_off_is_classic_swa_bit_for_bit(tmp_path):
     assert swa_summary["final"]["output/acc"] == swalp_summary["final"]["output/acc"]
 
 
-def test_8bit_training_weights_are_on_the_grid_and_the_average_is_full_precision(tmp_path):
-    trainer, summary = run(tmp_path, "lp", "method.name=swalp")
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_8bit_training_weights_are_on_the_grid_and_the_average_is_full_precision(tmp_path, fused):
+    trainer, summary = run(tmp_path, "lp", "method.name=swalp", f"method.fused={fused}")
+    assert trainer.ctx.optimizer.fused == (fused == "true")
     fmt = trainer.cfg.method.format("weight")
     for name, p in trainer.ctx.model.named_parameters():
         assert torch.equal(quantize(p.detach(), fmt), p.detach()), f"{name} is off the 8-bit grid"

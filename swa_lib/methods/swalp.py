@@ -46,6 +46,10 @@ class SWALPConfig(SWAConfig):
     # The official activation/error quantizer ignores its small-block flag and uses big blocks.
     act_block: str = "big"
     err_block: str = "big"
+    # true: quantize with one torch.compile'd kernel per call (swa_lib/quant/fused.py):
+    # faster, compiled on first use; stochastic noise comes from a seeded hash, so the
+    # values differ from the default eager quantizer's (the distribution does not).
+    fused: bool = False
 
     def validate(self, cfg) -> list[str]:
         p = super().validate(cfg) if self.average else []
@@ -75,10 +79,10 @@ class SWALP(SWA):
         m = self.cfg.method
         # SWALP: the same seed on every rank, so quantized updates of data-parallel replicas agree.
         self.generator = torch.Generator(device=ctx.device).manual_seed(self.cfg.run.seed)
-        insert_quantizers(ctx.model, m.format("act"), m.format("err"))
+        insert_quantizers(ctx.model, m.format("act"), m.format("err"), fused=m.fused)
         ctx.optimizer = QuantizedSGD(ctx.optimizer, fmt_weight=m.format("weight"), fmt_grad=m.format("grad"),
                                      fmt_momentum=m.format("momentum"), fmt_acc=m.format("acc"),
-                                     generator=self.generator)
+                                     generator=self.generator, fused=m.fused)
         super().setup(ctx)  # the average is a deep copy of the quantized model ...
         remove_quantizers(self.average.module)  # ... that must compute in full precision
 

@@ -1,8 +1,10 @@
 """SWALP low precision, kept outside the training loop (Yang et al., ICML 2019).
 
   number    BlockFloat: word length, block design ("small" / "big"), rounding
-  quantize  quantize(x, fmt, generator): block floating point in plain torch ops;
+  quantize  quantize(x, fmt, generator, fused): block floating point in plain torch ops;
             rounding_bits, the noise it draws for stochastic rounding
+  fused     the fused=True path: one torch.compile'd kernel per call, with
+            fused_rounding_bits, its counter-based noise
   modules   activation / error quantizers put into any model with forward pre-hooks
   optim     QuantizedSGD: quantized gradients, momentum, accumulator and weights
 A format of None means full precision wherever a format is taken.
@@ -11,12 +13,14 @@ A format of None means full precision wherever a format is taken.
 from .modules import (ActivationErrorQuantizer, ActivationQuantizer, ErrorQuantizer,
                       insert_quantizers, quantize_activation_error, quantizers_disabled,
                       remove_quantizers, set_quantizers_enabled)
+from .fused import fused_rounding_bits
 from .number import BlockFloat
 from .optim import QuantizedSGD
 from .quantize import quantize, rounding_bits
 
 __all__ = [
-    "BlockFloat", "quantize", "rounding_bits", "quantize_activation_error", "ActivationErrorQuantizer",
+    "BlockFloat", "quantize", "rounding_bits", "fused_rounding_bits",
+    "quantize_activation_error", "ActivationErrorQuantizer",
     "ActivationQuantizer", "ErrorQuantizer", "insert_quantizers", "remove_quantizers",
     "set_quantizers_enabled", "quantizers_disabled", "QuantizedSGD",
 ]

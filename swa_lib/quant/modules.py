@@ -31,21 +31,23 @@ class _QuantizeActivationError(torch.autograd.Function):
     fmt_err and pass it on (straight-through: the rounding itself has no gradient)."""
 
     @staticmethod
-    def forward(ctx, x, fmt_act, fmt_err, generator):
+    def forward(ctx, x, fmt_act, fmt_err, generator, fused):
         ctx.fmt_err = fmt_err
         ctx.generator = generator
+        ctx.fused = fused
         if fmt_act is None:
             return x.view_as(x)  # a new tensor object, as autograd.Function needs
-        return quantize(x, fmt_act, generator)
+        return quantize(x, fmt_act, generator, fused)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return quantize(grad_output, ctx.fmt_err, ctx.generator), None, None, None
+        return quantize(grad_output, ctx.fmt_err, ctx.generator, ctx.fused), None, None, None, None
 
 
 def quantize_activation_error(x: torch.Tensor, fmt_act: Optional[BlockFloat],
                               fmt_err: Optional[BlockFloat],
-                              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                              generator: Optional[torch.Generator] = None,
+                              fused: bool = False) -> torch.Tensor:
     """Quantize x with fmt_act now and its gradient with fmt_err in the backward pass.
 
     Args:
@@ -53,10 +55,11 @@ def quantize_activation_error(x: torch.Tensor, fmt_act: Optional[BlockFloat],
             "small" blocks).
         fmt_act, fmt_err: formats; None leaves that direction in full precision.
         generator: stochastic-rounding noise source for both directions.
+        fused: use the compiled kernel of `quantize(..., fused=True)`.
     """
     if fmt_act is None and fmt_err is None:
         return x
-    return _QuantizeActivationError.apply(x, fmt_act, fmt_err, generator)
+    return _QuantizeActivationError.apply(x, fmt_act, fmt_err, generator, fused)
 
 
 class ActivationErrorQuantizer(nn.Module):
@@ -66,6 +69,7 @@ class ActivationErrorQuantizer(nn.Module):
         fmt_act: format of the activations (forward); None = full precision.
         fmt_err: format of the errors (backward); None = full precision.
         generator: optional torch.Generator for reproducible stochastic rounding.
+        fused: use the compiled kernel of `quantize(..., fused=True)`.
 
     `enabled = False` makes it the exact identity (see `quantizers_disabled`). It has
     no parameters or buffers, so a model's state_dict is the same with or without it.
@@ -74,36 +78,39 @@ class ActivationErrorQuantizer(nn.Module):
     """
 
     def __init__(self, fmt_act: Optional[BlockFloat], fmt_err: Optional[BlockFloat],
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, fused: bool = False):
         super().__init__()
         self.fmt_act = check_format(fmt_act, "fmt_act")
         self.fmt_err = check_format(fmt_err, "fmt_err")
         self.generator = generator
+        self.fused = fused
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        return quantize_activation_error(x, self.fmt_act, self.fmt_err, self.generator)
+        return quantize_activation_error(x, self.fmt_act, self.fmt_err, self.generator,
+                                         self.fused)
 
     def extra_repr(self) -> str:
-        return f"act={self.fmt_act}, err={self.fmt_err}, enabled={self.enabled}"
+        fused = ", fused" if self.fused else ""
+        return f"act={self.fmt_act}, err={self.fmt_err}{fused}, enabled={self.enabled}"
 
 
 class ActivationQuantizer(ActivationErrorQuantizer):
     """Quantizes activations in the forward pass only."""
 
     def __init__(self, fmt_act: Optional[BlockFloat],
-                 generator: Optional[torch.Generator] = None):
-        super().__init__(fmt_act, None, generator)
+                 generator: Optional[torch.Generator] = None, fused: bool = False):
+        super().__init__(fmt_act, None, generator, fused)
 
 
 class ErrorQuantizer(ActivationErrorQuantizer):
     """Quantizes errors (gradients) in the backward pass only."""
 
     def __init__(self, fmt_err: Optional[BlockFloat],
-                 generator: Optional[torch.Generator] = None):
-        super().__init__(None, fmt_err, generator)
+                 generator: Optional[torch.Generator] = None, fused: bool = False):
+        super().__init__(None, fmt_err, generator, fused)
 
 
 def _quantize_input_hook(layer: nn.Module, args: tuple) -> tuple:
@@ -124,7 +131,8 @@ def insert_quantizers(model: nn.Module, fmt_act: Optional[BlockFloat],
                       fmt_err: Optional[BlockFloat],
                       generator: Optional[torch.Generator] = None,
                       layer_types: Tuple[Type[nn.Module], ...] = QUANTIZED_LAYER_TYPES,
-                      exclude: Iterable[str] = (), outputs: bool = False) -> nn.Module:
+                      exclude: Iterable[str] = (), outputs: bool = False,
+                      fused: bool = False) -> nn.Module:
     """Quantize the input (forward) and input gradient (backward) of every layer of
     `layer_types` in `model`, in place; returns the model.
 
@@ -137,6 +145,7 @@ def insert_quantizers(model: nn.Module, fmt_act: Optional[BlockFloat],
         outputs: also quantize each such layer's output forward and the error arriving
             at it backward (child `output_quantizer`, forward hook), as the official
             PreResNet does around its convs.
+        fused: quantize with the compiled kernel of `quantize(..., fused=True)`.
 
     How: each layer gets a child `input_quantizer` (an ActivationErrorQuantizer) and a
     forward pre-hook that runs it on the layer's input. Hooks rather than wrapping,
@@ -165,11 +174,11 @@ def insert_quantizers(model: nn.Module, fmt_act: Optional[BlockFloat],
             raise RuntimeError(f"layer {name!r} already has an {_ATTRIBUTE}; "
                                f"call remove_quantizers(model) first")
     for _, layer in targets:
-        layer.add_module(_ATTRIBUTE, ActivationErrorQuantizer(fmt_act, fmt_err, generator))
+        layer.add_module(_ATTRIBUTE, ActivationErrorQuantizer(fmt_act, fmt_err, generator, fused))
         layer.register_forward_pre_hook(_quantize_input_hook)
         if outputs:
             layer.add_module(_OUTPUT_ATTRIBUTE,
-                             ActivationErrorQuantizer(fmt_act, fmt_err, generator))
+                             ActivationErrorQuantizer(fmt_act, fmt_err, generator, fused))
             layer.register_forward_hook(_quantize_output_hook)
     return model
 

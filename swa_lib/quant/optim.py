@@ -29,6 +29,7 @@ class QuantizedSGD(Optimizer):
         generator: optional torch.Generator (on the parameters' device) for every
             stochastic rounding here. Draws happen in a fixed order: gradients, then per
             parameter accumulator, weight, momentum.
+        fused: quantize with the compiled kernel of `quantize(..., fused=True)`.
 
     One step, in the order of the official `utils.train_batch`:
       1. g <- Q_grad(g) (the gradient came from the low-precision weights).
@@ -64,7 +65,7 @@ class QuantizedSGD(Optimizer):
                  fmt_grad: Optional[BlockFloat] = None,
                  fmt_momentum: Optional[BlockFloat] = None,
                  fmt_acc: Optional[BlockFloat] = None,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, fused: bool = False):
         if not isinstance(optimizer, SGD):
             raise TypeError(f"QuantizedSGD wraps a torch.optim.SGD, got "
                             f"{type(optimizer).__name__}")
@@ -74,6 +75,7 @@ class QuantizedSGD(Optimizer):
         self.fmt_momentum = check_format(fmt_momentum, "fmt_momentum")
         self.fmt_acc = check_format(fmt_acc, "fmt_acc")
         self.generator = generator
+        self.fused = fused
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self._share_with_inner()
 
@@ -100,7 +102,7 @@ class QuantizedSGD(Optimizer):
                 if p.grad.is_sparse:
                     raise ValueError("QuantizedSGD: fmt_grad cannot quantize a sparse "
                                      "gradient; expected dense gradients")
-                p.grad.copy_(quantize(p.grad, self.fmt_grad, self.generator))
+                p.grad.copy_(quantize(p.grad, self.fmt_grad, self.generator, self.fused))
         if self.fmt_weight is not None:
             for p in params:
                 state = self.state[p]
@@ -112,16 +114,16 @@ class QuantizedSGD(Optimizer):
             state = self.state[p]
             if self.fmt_weight is not None:
                 accumulator = state[ACCUMULATOR_KEY]
-                accumulator.copy_(quantize(p, self.fmt_acc, self.generator))
+                accumulator.copy_(quantize(p, self.fmt_acc, self.generator, self.fused))
                 if self.fmt_weight == self.fmt_acc:
                     p.copy_(accumulator)  # quantize is idempotent: Q(Q(a)) = Q(a)
                 else:
-                    p.copy_(quantize(accumulator, self.fmt_weight, self.generator))
+                    p.copy_(quantize(accumulator, self.fmt_weight, self.generator, self.fused))
             elif self.fmt_acc is not None:
-                p.copy_(quantize(p, self.fmt_acc, self.generator))
+                p.copy_(quantize(p, self.fmt_acc, self.generator, self.fused))
             momentum = state.get("momentum_buffer")
             if self.fmt_momentum is not None and momentum is not None:
-                momentum.copy_(quantize(momentum, self.fmt_momentum, self.generator))
+                momentum.copy_(quantize(momentum, self.fmt_momentum, self.generator, self.fused))
         return loss
 
     def state_dict(self) -> Dict[str, Any]:
@@ -137,4 +139,5 @@ class QuantizedSGD(Optimizer):
         formats = ", ".join(f"{kind}={fmt}" for kind, fmt in (
             ("weight", self.fmt_weight), ("grad", self.fmt_grad),
             ("momentum", self.fmt_momentum), ("acc", self.fmt_acc)))
-        return f"QuantizedSGD({formats}) around {self.optimizer!r}"
+        fused = ", fused" if self.fused else ""
+        return f"QuantizedSGD({formats}{fused}) around {self.optimizer!r}"

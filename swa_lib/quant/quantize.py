@@ -100,7 +100,7 @@ def rounding_bits(shape, generator: Optional[torch.Generator] = None,
 
 
 def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, fused: bool = False) -> torch.Tensor:
     """Round x onto the block-floating-point grid of `fmt`; returns a new tensor.
 
     Args:
@@ -111,6 +111,11 @@ def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
         generator: source of the stochastic-rounding noise, on x's device: exactly one
             `rounding_bits(x.shape, generator, x.device)`, drawn after the input is
             checked; nearest rounding draws nothing.
+        fused: compute in one torch.compile'd kernel (swa_lib/quant/fused.py): a few
+            times faster, compiled on the first call of each variant. Nearest rounding
+            gives bitwise the same result; stochastic rounding applies the same rule to
+            noise from a counter-based hash keyed by one seed drawn from `generator`
+            (`fused_rounding_bits`), so its values differ from the eager ones.
 
     Works in grid units v = x / 2^(e-wl+2), exact. f = v - floor(v) is exact except for
     negative v above -1/2, where it rounds (float32: to 2^-24); a stochastic decision
@@ -130,6 +135,9 @@ def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
                         f"(float16, bfloat16, float32, float64), got dtype {x.dtype}")
     if x.numel() == 0:
         return x.detach().clone()
+    if fused:
+        from .fused import quantize_fused  # here: fused.py imports from this module
+        return quantize_fused(x, fmt, generator)
     dtype = _COMPUTE_DTYPE[x.dtype]
     with torch.no_grad():
         xc = x.detach().to(dtype)
