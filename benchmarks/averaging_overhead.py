@@ -8,7 +8,15 @@ LAWA update (nu = 1, the worst case); and the update calls alone for our EMA, ou
 medians over repeats and the median of per-repeat ratios. Targets: an update costs at most 1%
 of a step, and our EMA is no slower than AveragedModel's. Writes results/averaging_overhead_cpu.md.
 
+With --device cuda the model is on the GPU and two more variants run: training steps each
+followed by an EMA and a LAWA update whose buffers are in pinned host memory
+(buffer_device="cpu": device-to-host copies on a side stream, non_blocking), and those two
+updates timed alone; every timing then ends with a device synchronize, so the step time
+with and without averaging includes any wait for the copies. Writes
+results/averaging_overhead_gpu.md.
+
     ./run.sh python benchmarks/averaging_overhead.py [--repeats 9] [--steps 3] [--updates 20]
+        [--device cuda --batch 128]
 """
 from __future__ import annotations
 
@@ -30,11 +38,14 @@ from swa_lib.methods.lawa_ema import EMA, LAWA  # noqa: E402
 from swa_lib.run_log import git_commit, machine_description  # noqa: E402
 
 
-def timed(fn, times: int) -> float:
-    """Seconds per call of fn, over `times` calls."""
+def timed(fn, times: int, device: torch.device) -> float:
+    """Seconds per call of fn, over `times` calls (queued GPU work included)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     for _ in range(times):
         fn()
+    sync()
     return (time.perf_counter() - start) / times
 
 
@@ -45,15 +56,25 @@ def main() -> int:
     parser.add_argument("--updates", type=int, default=20, help="update calls per repeat when timed alone")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--window", type=int, default=20, help="LAWA L (the update cost does not depend on it)")
-    parser.add_argument("--out", default=str(ROOT / "results" / "averaging_overhead_cpu.md"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (this machine has 2 cores)")
+    parser.add_argument("--out", default=None,
+                        help="default: results/averaging_overhead_cpu.md or results/averaging_overhead_gpu.md")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    out = args.out or str(ROOT / "results" / f"averaging_overhead_{'gpu' if on_gpu else 'cpu'}.md")
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
+    model = torchvision.models.resnet18(num_classes=10).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
     ema = EMA(model, every_steps=1, decay=0.9)
     lawa = LAWA(model, every_steps=1, window=args.window)
+    if on_gpu:  # the same averages with pinned host buffers, filled asynchronously
+        ema_host = EMA(model, every_steps=1, decay=0.9, buffer_device="cpu")
+        lawa_host = LAWA(model, every_steps=1, window=args.window, buffer_device="cpu")
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
     counter = [0]
 
@@ -76,11 +97,30 @@ def main() -> int:
         ours_ema()
         ours_lawa()
 
-    variants = {"step": lambda: timed(step, args.steps),
-                "step + EMA + LAWA": lambda: timed(step_with_averages, args.steps),
-                "EMA update (ours)": lambda: timed(ours_ema, args.updates),
-                "LAWA update (ours)": lambda: timed(ours_lawa, args.updates),
-                "EMA update (AveragedModel)": lambda: timed(lambda: averaged.update_parameters(model), args.updates)}
+    def host_ema():
+        counter[0] += 1
+        ema_host.update(model, counter[0])
+
+    def host_lawa():
+        counter[0] += 1
+        lawa_host.update(model, counter[0])
+
+    def step_with_host_averages():
+        step()
+        host_ema()
+        host_lawa()
+
+    variants = {"step": lambda: timed(step, args.steps, device),
+                "step + EMA + LAWA": lambda: timed(step_with_averages, args.steps, device),
+                "EMA update (ours)": lambda: timed(ours_ema, args.updates, device),
+                "LAWA update (ours)": lambda: timed(ours_lawa, args.updates, device),
+                "EMA update (AveragedModel)": lambda: timed(lambda: averaged.update_parameters(model),
+                                                            args.updates, device)}
+    if on_gpu:
+        variants.update({
+            "step + EMA + LAWA (pinned CPU buffers)": lambda: timed(step_with_host_averages, args.steps, device),
+            "EMA update (pinned CPU buffers)": lambda: timed(host_ema, args.updates, device),
+            "LAWA update (pinned CPU buffers)": lambda: timed(host_lawa, args.updates, device)})
     for fn in variants.values():  # warm-up: allocator, first AveragedModel call (a plain copy)
         fn()
     times = {name: [] for name in variants}
@@ -90,9 +130,12 @@ def main() -> int:
     med = {name: statistics.median(t) for name, t in times.items()}
     ratio = lambda a, b: statistics.median(p / q for p, q in zip(times[a], times[b]))  # noqa: E731
     n_params = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
-    lines = ["# LAWA / EMA update overhead vs a training step, and vs torch's AveragedModel (CPU)", "",
+    where = (f"{torch.cuda.get_device_name(device)} (fp32, no autocast), {args.threads} CPU threads"
+             if on_gpu else f"1 process, {args.threads} threads")
+    lines = [f"# LAWA / EMA update overhead vs a training step, and vs torch's AveragedModel "
+             f"({'GPU' if on_gpu else 'CPU'})", "",
              f"torchvision ResNet-18 (10 classes, {n_params / 1e6:.1f} M averaged floats: parameters and BN "
-             f"statistics), batch {args.batch} of 32x32, SGD with momentum, 1 process, 2 threads. "
+             f"statistics), batch {args.batch} of 32x32, SGD with momentum, {where}. "
              f"{args.repeats} interleaved repeats; each times {args.steps} training steps per step variant and "
              f"{args.updates} calls per update variant. Every update runs at nu = 1 (every step, the worst "
              f"case); LAWA L = {args.window}.", "",
@@ -105,16 +148,25 @@ def main() -> int:
               f"| LAWA update (ours) / step | {100 * ratio('LAWA update (ours)', 'step'):.2f}% |",
               f"| EMA update (AveragedModel) / step | {100 * ratio('EMA update (AveragedModel)', 'step'):.2f}% |",
               f"| EMA ours / AveragedModel | {ratio('EMA update (ours)', 'EMA update (AveragedModel)'):.2f}x |",
-              f"| step with EMA + LAWA / plain step - 1 (in the loop, noisier) | {100 * in_loop:+.2f}% |", "",
+              f"| step with EMA + LAWA / plain step - 1 (in the loop, noisier) | {100 * in_loop:+.2f}% |"]
+    if on_gpu:
+        lines += [
+            f"| EMA update, pinned CPU buffers / step | {100 * ratio('EMA update (pinned CPU buffers)', 'step'):.2f}% |",
+            f"| LAWA update, pinned CPU buffers / step | "
+            f"{100 * ratio('LAWA update (pinned CPU buffers)', 'step'):.2f}% |",
+            f"| step with EMA + LAWA on pinned CPU buffers / plain step - 1 | "
+            f"{100 * (ratio('step + EMA + LAWA (pinned CPU buffers)', 'step') - 1):+.2f}% |"]
+    lines += ["",
               "Targets: an update at most 1% of a step; our EMA no slower than AveragedModel's "
               "(both are one `torch._foreach_lerp_` over the same tensors; ours writes into views of one flat "
               "vector, and LAWA's update is one copy into its ring slot). With nu = 64-128 (the paper's "
               "setting) the cost per step is that divided by nu.", "",
               f"- command: `./run.sh python benchmarks/averaging_overhead.py --repeats {args.repeats} "
-              f"--steps {args.steps} --updates {args.updates} --batch {args.batch} --window {args.window}`",
+              f"--steps {args.steps} --updates {args.updates} --batch {args.batch} --window {args.window}"
+              f"{' --device ' + args.device if on_gpu else ''}`",
               f"- machine: {machine_description()}; load average at start: {os.getloadavg()[0]:.1f}",
               f"- torch {torch.__version__}", f"- commit: `{git_commit()}`", f"- date: {dt.date.today().isoformat()}"]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    Path(out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
