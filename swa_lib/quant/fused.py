@@ -15,7 +15,7 @@ Results:
     comes from a counter-based hash of the element's index keyed by one 31-bit seed per
     call, not from `random_`. The seed is drawn from the generator, so a seeded
     generator still gives reproducible results, and the same seed gives the same noise
-    on every device. `fused_rounding_bits` returns exactly that noise, for tests. The
+    on every device (by construction: integer arithmetic only; no GPU has checked it). `fused_rounding_bits` returns exactly that noise, for tests. The
     index is the element's position in memory order: row-major, or N, H, W, C for a
     channels_last tensor (whose result is channels_last too).
 The hash is Mueller's 32-bit integer mixer (two multiply-xorshift rounds), applied
@@ -74,9 +74,10 @@ def _floor_log2(m: torch.Tensor):
     """floor(log2 m) for finite m >= 0 (-1 for 0, as torch.frexp gives) in the integer
     type of m's width, and whether m is a power of two; read from the exponent bits.
 
-    What `_block_exponent` gets from torch.frexp: inductor's CPU code generator fails to
-    compile a vectorized float64 frexp (an int32 exponent next to float64 lanes).
-    Subnormals are first scaled by 2^64 (exact) into the normal range.
+    The eager `_block_exponent` calls torch.frexp for this; here the exponent bits are
+    read directly, because inductor's CPU code generator fails to compile a vectorized
+    float64 frexp (an int32 exponent next to float64 lanes). Subnormals are first scaled
+    by 2^64 (exact) into the normal range.
     """
     mantissa_bits, bias, int_dtype = _FLOAT_LAYOUT[m.dtype]
     subnormal = m < 2.0 ** (1 - bias)
