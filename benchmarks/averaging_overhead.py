@@ -84,31 +84,25 @@ def main() -> int:
         loss.backward()
         optimizer.step()
 
-    def ours_ema():
-        counter[0] += 1
-        ema.update(model, counter[0])
+    def updater(average):
+        """One update call of `average`, at the next step number."""
+        def update():
+            counter[0] += 1
+            average.update(model, counter[0])
+        return update
 
-    def ours_lawa():
-        counter[0] += 1
-        lawa.update(model, counter[0])
+    def step_then(*updates):
+        def run():
+            step()
+            for update in updates:
+                update()
+        return run
 
-    def step_with_averages():
-        step()
-        ours_ema()
-        ours_lawa()
-
-    def host_ema():
-        counter[0] += 1
-        ema_host.update(model, counter[0])
-
-    def host_lawa():
-        counter[0] += 1
-        lawa_host.update(model, counter[0])
-
-    def step_with_host_averages():
-        step()
-        host_ema()
-        host_lawa()
+    ours_ema, ours_lawa = updater(ema), updater(lawa)
+    step_with_averages = step_then(ours_ema, ours_lawa)
+    if on_gpu:
+        host_ema, host_lawa = updater(ema_host), updater(lawa_host)
+        step_with_host_averages = step_then(host_ema, host_lawa)
 
     variants = {"step": lambda: timed(step, args.steps, device),
                 "step + EMA + LAWA": lambda: timed(step_with_averages, args.steps, device),
