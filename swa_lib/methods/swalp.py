@@ -46,7 +46,7 @@ class SWALPConfig(SWAConfig):
     # The official activation/error quantizer ignores its small-block flag and uses big blocks.
     act_block: str = "big"
     err_block: str = "big"
-    # true: quantize with one torch.compile'd kernel per call (swa_lib/quant/fused.py):
+    # true: quantize with two torch.compile'd kernels per call (swa_lib/quant/fused.py):
     # faster, compiled on first use; stochastic noise comes from a seeded hash, so the
     # values differ from the default eager quantizer's (the distribution does not).
     fused: bool = False

@@ -3,7 +3,7 @@
   number    BlockFloat: word length, block design ("small" / "big"), rounding
   quantize  quantize(x, fmt, generator, fused): block floating point in plain torch ops;
             rounding_bits, the noise it draws for stochastic rounding
-  fused     the fused=True path: one torch.compile'd kernel per call, with
+  fused     the fused=True path: two torch.compile'd kernels per call, with
             fused_rounding_bits, its counter-based noise
   modules   activation / error quantizers put into any model with forward pre-hooks
   optim     QuantizedSGD: quantized gradients, momentum, accumulator and weights

@@ -55,7 +55,7 @@ def quantize_activation_error(x: torch.Tensor, fmt_act: Optional[BlockFloat],
             "small" blocks).
         fmt_act, fmt_err: formats; None leaves that direction in full precision.
         generator: stochastic-rounding noise source for both directions.
-        fused: use the compiled kernel of `quantize(..., fused=True)`.
+        fused: use the compiled kernels of `quantize(..., fused=True)`.
     """
     if fmt_act is None and fmt_err is None:
         return x
@@ -69,7 +69,7 @@ class ActivationErrorQuantizer(nn.Module):
         fmt_act: format of the activations (forward); None = full precision.
         fmt_err: format of the errors (backward); None = full precision.
         generator: optional torch.Generator for reproducible stochastic rounding.
-        fused: use the compiled kernel of `quantize(..., fused=True)`.
+        fused: use the compiled kernels of `quantize(..., fused=True)`.
 
     `enabled = False` makes it the exact identity (see `quantizers_disabled`). It has
     no parameters or buffers, so a model's state_dict is the same with or without it.
@@ -145,7 +145,7 @@ def insert_quantizers(model: nn.Module, fmt_act: Optional[BlockFloat],
         outputs: also quantize each such layer's output forward and the error arriving
             at it backward (child `output_quantizer`, forward hook), as the official
             PreResNet does around its convs.
-        fused: quantize with the compiled kernel of `quantize(..., fused=True)`.
+        fused: quantize with the compiled kernels of `quantize(..., fused=True)`.
 
     How: each layer gets a child `input_quantizer` (an ActivationErrorQuantizer) and a
     forward pre-hook that runs it on the layer's input. Hooks rather than wrapping,

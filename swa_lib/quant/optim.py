@@ -29,7 +29,7 @@ class QuantizedSGD(Optimizer):
         generator: optional torch.Generator (on the parameters' device) for every
             stochastic rounding here. Draws happen in a fixed order: gradients, then per
             parameter accumulator, weight, momentum.
-        fused: quantize with the compiled kernel of `quantize(..., fused=True)`.
+        fused: quantize with the compiled kernels of `quantize(..., fused=True)`.
 
     One step, in the order of the official `utils.train_batch`:
       1. g <- Q_grad(g) (the gradient came from the low-precision weights).

@@ -111,7 +111,7 @@ def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
         generator: source of the stochastic-rounding noise, on x's device: exactly one
             `rounding_bits(x.shape, generator, x.device)`, drawn after the input is
             checked; nearest rounding draws nothing.
-        fused: compute in one torch.compile'd kernel (swa_lib/quant/fused.py): a few
+        fused: compute in two torch.compile'd kernels (swa_lib/quant/fused.py): a few
             times faster, compiled on the first call of each variant. Nearest rounding
             gives bitwise the same result; stochastic rounding applies the same rule to
             noise from a counter-based hash keyed by one seed drawn from `generator`
