@@ -111,8 +111,9 @@ def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
         generator: source of the stochastic-rounding noise, on x's device: exactly one
             `rounding_bits(x.shape, generator, x.device)`, drawn after the input is
             checked; nearest rounding draws nothing.
-        fused: compute in two torch.compile'd kernels (swa_lib/quant/fused.py): a few
-            times faster, compiled on the first call of each variant. Nearest rounding
+        fused: compute in two torch.compile'd kernels (swa_lib/quant/fused.py): 1.2-5x
+            faster on a CPU (results/quantize_cpu.md), compiled on the first call of
+            each variant. Nearest rounding
             gives bitwise the same result; stochastic rounding applies the same rule to
             noise from a counter-based hash keyed by one seed drawn from `generator`
             (`fused_rounding_bits`), so its values differ from the eager ones.
