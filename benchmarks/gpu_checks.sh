@@ -8,6 +8,8 @@
 # data (both benchmarks use random tensors). Writes OUT_DIR/quantize_gpu.md and
 # OUT_DIR/averaging_overhead_gpu.md, each with its command, device, commit and date, and
 # keeps going when one of them fails (the exit status says whether both succeeded).
+# On a copy of the tree without .git (as the device tool sends it), name the commit the
+# copy was made from, so that the tables record it: SWA_GIT_COMMIT=<hash> bash benchmarks/gpu_checks.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT=${1:-$ROOT/results}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -27,7 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str:
-    """HEAD's hash, with '-dirty' if tracked files changed; 'unknown' outside a checkout."""
+    """HEAD's hash, with '-dirty' if tracked files changed. Outside a checkout (e.g. a
+    copy of the tree sent to another machine): $SWA_GIT_COMMIT if set, else 'unknown'."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -35,7 +37,7 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("SWA_GIT_COMMIT", "unknown")
 
 
 def library_versions() -> dict:

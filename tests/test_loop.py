@@ -122,3 +122,14 @@ def test_nan_loss_stops_with_a_diagnostic_and_keeps_the_last_checkpoint(tmp_path
     assert json.loads((ckpt_dir / "latest.json").read_text()) == pointer
     assert _sha(saved) == before
     torch.load(saved, weights_only=False)  # still readable
+
+
+def test_git_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monkeypatch):
+    # A copy of the tree without .git (as sent to a GPU machine) records the commit it names.
+    from swa_lib.run_log import git_commit
+    assert git_commit().split("-")[0] == subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.delenv("SWA_GIT_COMMIT", raising=False)
+    assert git_commit(tmp_path) == "unknown"
+    monkeypatch.setenv("SWA_GIT_COMMIT", "abc123")
+    assert git_commit(tmp_path) == "abc123"
