@@ -2,7 +2,7 @@
 tests in test_quant_format.py do not cover.
 
 Oracles: the eager quantize (nearest rounding must agree bit for bit), the same fused
-function run uncompiled (the compiler must not change a bit), binomial bounds on the
+function run uncompiled (the compiler must not change a bit), Hoeffding bounds on the
 noise bits, and training steps of the eager quantizer.
 """
 import copy

@@ -25,6 +25,7 @@ unbiasedness of the rounding and the balance of every noise bit.
 """
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -64,10 +65,7 @@ def fused_rounding_bits(shape, generator: Optional[torch.Generator] = None,
     `shape`: uniform integers in [0, 2^24), int32, row-major. Draws one seed from
     `generator`, as quantize does, so tests can replay exactly the noise of a call."""
     seed = draw_seed(generator, device)
-    n = 1
-    for size in shape:
-        n *= size
-    return _counter_bits(n, seed, seed.device).reshape(shape)
+    return _counter_bits(math.prod(shape), seed, seed.device).reshape(shape)
 
 
 def _floor_log2(m: torch.Tensor):
