@@ -6,9 +6,10 @@
 """
 from data.archive import DatasetError
 from data.augmentation import EpochPlan, draw_epoch_plan
-from data.dataset import DATASET_NAMES, STATS, ArrayDataset, load_dataset
+from data.dataset import DATASET_NAMES, STATS, ArrayDataset, holdout_split, load_dataset, resize_images
 from data.image_folder import ImageFolderLoader, build_image_folder_loader
 from data.sharded_loader import ShardedLoader
 
 __all__ = ["ArrayDataset", "DATASET_NAMES", "DatasetError", "EpochPlan", "ImageFolderLoader", "STATS",
-           "ShardedLoader", "build_image_folder_loader", "draw_epoch_plan", "load_dataset"]
+           "ShardedLoader", "build_image_folder_loader", "draw_epoch_plan", "holdout_split", "load_dataset",
+           "resize_images"]

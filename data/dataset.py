@@ -124,3 +124,45 @@ def load_dataset(name: str, root: str | Path, split: str, cache_dir: str | Path 
     mean, std = STATS[name]
     return ArrayDataset(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)),
                         len(class_names), mean, std, name, tuple(class_names))
+
+
+def holdout_split(dataset: ArrayDataset, count: int, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
+    """Carve a class-balanced validation set of `count` examples out of a training set.
+
+    The held-out examples are the first `count` of a class-balanced round-robin order over a
+    random permutation drawn from `seed`, so they are spread over the whole set rather than
+    taken from its start. Returns (rest, held_out), each in the dataset's own order; together
+    they are the input exactly once. Tune on the held-out part, never on the test split.
+    """
+    if not 0 < count < len(dataset):
+        raise ValueError(f"validation split of {count} examples: must be in [1, {len(dataset) - 1}] "
+                         f"for a training set of {len(dataset)}")
+    perm = np.random.default_rng(seed).permutation(len(dataset))
+    held = np.zeros(len(dataset), dtype=bool)
+    held[perm[class_balanced_order(dataset.labels.numpy()[perm])[:count]]] = True
+    keep = torch.from_numpy(~held)
+    held_t = torch.from_numpy(held)
+    return (replace(dataset, images=dataset.images[keep], labels=dataset.labels[keep]),
+            replace(dataset, images=dataset.images[held_t], labels=dataset.labels[held_t]))
+
+
+def resize_images(dataset: ArrayDataset, size: int) -> ArrayDataset:
+    """The dataset with every image resized to size x size, once, in memory.
+
+    Downsampling uses area averaging (a box filter), the filter of the downsampled-ImageNet
+    variants of Chrabaszcz et al. (2017); upsampling uses bilinear interpolation. Values are
+    rounded back to uint8. Done in chunks so a 100,000-image set needs little extra memory.
+    """
+    if size < 1:
+        raise ValueError(f"image size {size}: must be a positive number of pixels")
+    h, w = dataset.images.shape[-2:]
+    if (h, w) == (size, size):
+        return dataset
+    mode = "area" if size <= min(h, w) else "bilinear"
+    out = torch.empty((len(dataset), dataset.images.shape[1], size, size), dtype=torch.uint8)
+    for start in range(0, len(dataset), 4096):
+        chunk = dataset.images[start:start + 4096].float()
+        kwargs = {} if mode == "area" else {"align_corners": False}
+        resized = torch.nn.functional.interpolate(chunk, size=(size, size), mode=mode, **kwargs)
+        out[start:start + 4096] = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return replace(dataset, images=out)

@@ -34,6 +34,10 @@ class DataConfig:
     cache_dir: str = "~/.cache/swa_lib/data"  # decoded uint8 arrays live here, not in the repo
     train_subset: int | None = None  # keep this many training images (class-balanced); None = all
     test_subset: int | None = None  # same for the test split
+    # Hold out this many training images (class-balanced, fixed draw) and evaluate on them
+    # instead of the test split: how hyper-parameters are tuned without looking at the test set.
+    val_split: int | None = None
+    image_size: int | None = None  # resize every image to this square size once (e.g. 32: downsampled Tiny-ImageNet)
     num_classes: int | None = None  # tiny_imagenet: keep the first K classes (reduced configs)
     augment: str = "cifar"  # cifar (crop 32 pad 4 + flip) | imagenet (random resized crop + flip) | none
     on_device: bool = False  # GPU: keep the whole uint8 set on the device so loading never starves it
@@ -247,6 +251,14 @@ def validate(cfg: Config) -> None:
     _choice(p, "data.augment", cfg.data.augment, AUGMENTS)
     _positive(p, "data.train_subset", cfg.data.train_subset, allow_none=True)
     _positive(p, "data.test_subset", cfg.data.test_subset, allow_none=True)
+    _positive(p, "data.val_split", cfg.data.val_split, allow_none=True)
+    _positive(p, "data.image_size", cfg.data.image_size, allow_none=True)
+    if cfg.data.val_split is not None and cfg.data.train_subset is not None \
+            and cfg.data.val_split >= cfg.data.train_subset:
+        p.append(f"data.val_split: {cfg.data.val_split} must be smaller than data.train_subset "
+                 f"({cfg.data.train_subset}), or nothing is left to train on")
+    if cfg.data.dataset == "imagenet" and (cfg.data.val_split or cfg.data.image_size):
+        p.append("data.val_split / data.image_size: only for in-memory datasets, not streamed ImageNet folders")
     _positive(p, "data.num_classes", cfg.data.num_classes, allow_none=True)
     _choice(p, "model.name", cfg.model.name, available_models())
     _positive(p, "optim.lr", cfg.optim.lr)

@@ -307,7 +307,9 @@ class Trainer:
         final.update({"output/acc": last[out]["acc"], "output/loss": last[out]["loss"],
                       "wall_s": self._wall_s(), **{f"time/{k}": v for k, v in self.timer.totals.items()}})
         summary = {"output_name": out, "epochs": self.ctx.epoch, "steps": self.ctx.step, "final": final,
-                   "world_size": self.comm.size, "history": self.history}
+                   "eval_split": self.workload.eval_split, "eval_images": self.workload.num_eval,
+                   "train_images": self.workload.num_train, "world_size": self.comm.size,
+                   "history": self.history}
         if self.rank0:
             # Plain state dicts (no wrapper prefixes) that load into models.build_model(...).
             atomic_torch_save(self.ctx.model.state_dict(), self.run_dir / "final_train_model.pt")

@@ -34,13 +34,21 @@ class Workload:
         if d.dataset in IN_MEMORY:
             kw = dict(root=self.root, cache_dir=Path(d.cache_dir).expanduser(), num_classes=d.num_classes)
             self.train_set = datasets.load_dataset(d.dataset, split="train", subset=d.train_subset, **kw)
-            self.test_set = datasets.load_dataset(d.dataset, split="test", subset=d.test_subset, **kw)
+            if d.val_split:  # tuning: train on the rest, "test" metrics are on the held-out images
+                self.train_set, self.test_set = datasets.holdout_split(self.train_set, d.val_split)
+            else:
+                self.test_set = datasets.load_dataset(d.dataset, split="test", subset=d.test_subset, **kw)
+            if d.image_size:
+                self.train_set = datasets.resize_images(self.train_set, d.image_size)
+                self.test_set = datasets.resize_images(self.test_set, d.image_size)
             self.num_classes = self.train_set.num_classes
             self.num_train = len(self.train_set.labels)
+            self.num_eval = len(self.test_set.labels)
         else:  # imagenet: class folders streamed from disk
             self.train_set = self.test_set = None
             self.num_classes = d.num_classes or 1000
-            self.num_train = None
+            self.num_train = self.num_eval = None
+        self.eval_split = "val" if d.val_split else "test"  # what the eval/ metrics were measured on
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
     def build_model(self) -> nn.Module:

@@ -296,3 +296,53 @@ def test_image_folder_train_shards_match_one_process(imagenet_sample):
     with_workers = first_batches(make(0, 1, 8, workers=2), 1, count=2)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(reference, with_workers))
     assert not torch.equal(first_batches(single, 2, count=1)[0][1], reference[0][1])
+
+
+def _indexed_dataset(labels: np.ndarray) -> "data.ArrayDataset":
+    """Images that spell out their own index in the first two pixels (a partition oracle)."""
+    n = len(labels)
+    images = torch.zeros((n, 3, 4, 4), dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(n) % 256
+    images[:, 0, 0, 1] = torch.arange(n) // 256
+    return data.ArrayDataset(images, torch.from_numpy(labels.astype(np.int64)), int(labels.max()) + 1,
+                             (0.5,) * 3, (0.25,) * 3, "indexed")
+
+
+def _indices(ds) -> list[int]:
+    return (ds.images[:, 0, 0, 0].long() + 256 * ds.images[:, 0, 0, 1].long()).tolist()
+
+
+def test_holdout_split_is_a_balanced_partition_spread_over_the_set():
+    labels = np.random.default_rng(3).integers(0, 10, 20000)
+    ds = _indexed_dataset(labels)
+    rest, val = data.holdout_split(ds, 2000)
+    assert len(val) == 2000 and len(rest) == 18000
+    assert sorted(_indices(rest) + _indices(val)) == list(range(20000))  # each example exactly once
+    assert _indices(rest) == sorted(_indices(rest)) and _indices(val) == sorted(_indices(val))  # own order
+    assert torch.equal(val.labels, torch.from_numpy(labels[_indices(val)]))  # labels travel with images
+    counts = np.bincount(val.labels.numpy(), minlength=10)
+    assert counts.max() - counts.min() <= 1  # class-balanced
+    tenths = np.bincount(np.array(_indices(val)) // 2000, minlength=10)
+    assert tenths.min() > 120  # a random draw, not the start of the set (200 expected per tenth)
+    assert _indices(data.holdout_split(ds, 2000)[1]) == _indices(val)  # deterministic
+    assert _indices(data.holdout_split(ds, 2000, seed=1)[1]) != _indices(val)  # the seed picks the draw
+    with pytest.raises(ValueError, match="validation split of 20000"):
+        data.holdout_split(ds, 20000)
+
+
+def test_holdout_split_of_real_cifar10(cifar_train):
+    rest, val = data.holdout_split(cifar_train, 5000)
+    assert len(val) == 5000 and len(rest) == 45000
+    assert np.bincount(val.labels.numpy(), minlength=10).tolist() == [500] * 10
+
+
+def test_resize_images_box_filter_matches_block_means():
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    ds = data.ArrayDataset(images, torch.zeros(5, dtype=torch.int64), 1, (0.5,) * 3, (0.25,) * 3, "t")
+    small = data.resize_images(ds, 32)
+    expected = images.double().reshape(5, 3, 32, 2, 32, 2).mean((3, 5))
+    assert small.images.shape == (5, 3, 32, 32) and small.images.dtype == torch.uint8
+    assert (small.images.double() - expected).abs().max() <= 0.5 + 1e-9  # rounded block means
+    assert data.resize_images(ds, 64) is ds
+    with pytest.raises(ValueError, match="image size 0"):
+        data.resize_images(ds, 0)
