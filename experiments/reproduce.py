@@ -1,22 +1,32 @@
-"""Regenerate a results table from scratch: every (method, seed) run, then the markdown.
+"""Regenerate a results table: run every (row, seed) that is not already done, then write it.
 
-    ./run.sh reproduce baselines            # configs/reproduce/baselines.yaml
-    ./run.sh reproduce all                  # every spec in configs/reproduce/, in turn
-    python experiments/reproduce.py baselines --reuse   # keep finished runs, redo the rest
+    ./run.sh reproduce baselines            # configs/reproduce/baselines.yaml -> results/...
+    ./run.sh reproduce all                  # every headline table in turn, then the summary
+    ./run.sh reproduce summary              # only results/README.md, from the tables' .json files
+    ./run.sh reproduce pilot_swap           # a pilot (tuning on a validation split); not in `all`
+    python experiments/reproduce.py swap --jobs 2 --fresh
 
-A table spec (configs/reproduce/<name>.yaml) lists the rows (label, config, overrides),
-the seeds, how many processes each run gets, and which paired differences to report.
-Run directories (TensorBoard included) go under runs/reproduce/<name>/.
+A table spec (configs/reproduce/<name>.yaml) lists rows (label, config, overrides), seeds,
+processes per run, paired differences and the claims it tests (experiments/tables.py).
+
+Runs live in runs/reproduce/<name>/<label>-s<seed>/ and are kept between invocations:
+- a finished run is reused when its resolved config equals the one the spec asks for and
+  the code it ran (its commit) does not differ from HEAD in swa_lib/, models/, data/, the
+  entry point or the config file; otherwise it is moved aside to runs/reproduce/<name>/.stale/
+  (never deleted) and run again, and the move is printed;
+- an unfinished run (killed, preempted) continues from its latest checkpoint, under the same
+  two conditions; so a killed `reproduce` resumes where it stopped.
+Runs execute `--jobs` at a time (default: as many as fit the cores, one thread per process),
+and a progress bar shows the runs left and an ETA. The table records how the cores were shared:
+jobs at a time, other tables running at the same moment, and the load average.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -27,62 +37,186 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from experiments import summary as summary_page  # noqa: E402
+from experiments import tables  # noqa: E402
+from swa_lib.config import ConfigError, load_config, to_dict  # noqa: E402
 from swa_lib.run_log import git_commit, library_versions, machine_description  # noqa: E402
+
+SPECS = ROOT / "configs" / "reproduce"
+RUNS = ROOT / "runs" / "reproduce"
+CODE_PATHS = ("swa_lib", "models", "data")
 
 
 def launch_command(entry: str, processes: int, config: str, run_dir: Path, overrides: list[str]) -> list[str]:
     cmd = [sys.executable, str(ROOT / entry), "--config", str(ROOT / config), "--run-dir", str(run_dir), *overrides]
     if processes > 1:
-        flags = ["--oversubscribe", "--bind-to", "none", "-x", "PATH", "-x", "PYTHONPATH"]
+        flags = ["--oversubscribe", "--bind-to", "none", "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]
         if os.geteuid() == 0:
             flags.append("--allow-run-as-root")
         cmd = ["mpirun", *flags, "-np", str(processes), *cmd]
     return cmd
 
 
-def run_all(spec: dict, name: str, reuse: bool) -> dict:
-    base = ROOT / "runs" / "reproduce" / name
-    if base.exists() and not reuse:
-        shutil.rmtree(base)
-    jobs = [(row, seed) for row in spec["rows"] for seed in row.get("seeds", spec["seeds"])]  # a row may cut seeds
-    summaries: dict = {}
-    bar = tqdm(jobs, desc=f"reproduce {name}", unit="run", dynamic_ncols=True)
-    for row, seed in bar:
-        run_dir = base / f"{row['label']}-s{seed}"
-        bar.set_postfix_str(run_dir.name)
-        if not (reuse and (run_dir / "summary.json").exists()):
-            overrides = [f"run.seed={seed}", "run.progress=false", *row.get("overrides", [])]
-            cmd = launch_command(row.get("entry", spec["entry"]), row.get("processes", spec.get("processes", 1)),
-                                 row["config"], run_dir, overrides)
-            log = base / f"{run_dir.name}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "w") as fh:
-                rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-            if rc != 0:
-                tail = log.read_text().splitlines()[-15:]
-                sys.exit(f"reproduce: run {run_dir.name} failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail))
-        summaries[(row["label"], seed)] = json.loads((run_dir / "summary.json").read_text())
-    return summaries
+class Job:
+    """One (row, seed) run of a table."""
+
+    def __init__(self, spec: dict, name: str, row: dict, seed: int):
+        self.row, self.seed, self.label = row, seed, row["label"]
+        self.dir = RUNS / name / f"{self.label}-s{seed}"
+        self.entry = row.get("entry", spec["entry"])
+        self.processes = row.get("processes", spec.get("processes", 1))
+        self.overrides = [f"run.seed={seed}", "run.progress=false", *row.get("overrides", [])]
+        self.config = load_config(ROOT / row["config"], self.overrides)
+        self.cost = self.config.schedule.epochs * row.get("cost_factor", 1.0)  # for the ETA only
+
+    @property
+    def finished(self) -> bool:
+        return (self.dir / "summary.json").exists()
+
+    def mismatch(self) -> str | None:
+        """Why the run directory cannot be reused or resumed, or None if it can."""
+        try:
+            had = yaml.safe_load((self.dir / "config.yaml").read_text())
+            commit = json.loads((self.dir / "run_info.json").read_text())["git_commit"]
+        except (OSError, ValueError, KeyError):
+            return "it has no readable config.yaml / run_info.json"
+        want = json.loads(json.dumps(to_dict(self.config)))  # tuples -> lists, as YAML stores them
+        differing = sorted(k for k in set(had) | set(want) if had.get(k) != want.get(k))
+        if differing:
+            keys = [f"{s}.{k}" for s in differing for k in sorted(set(had.get(s) or {}) | set(want.get(s) or {}))
+                    if (had.get(s) or {}).get(k) != (want.get(s) or {}).get(k)]
+            return f"its config differs in {', '.join(keys) or ', '.join(differing)}"
+        if commit.endswith("-dirty") or commit == "unknown":
+            return f"it ran from a modified or unknown tree ({commit})"
+        paths = [*CODE_PATHS, self.entry, self.row["config"]]
+        same = subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", *paths], cwd=ROOT,
+                              capture_output=True).returncode == 0
+        return None if same else f"the code changed since its commit {commit[:10]} ({', '.join(paths)})"
+
+    def start(self, threads: int) -> subprocess.Popen:
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        self.log = self.dir.parent / f"{self.dir.name}.log"
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        cmd = launch_command(self.entry, self.processes, self.row["config"], self.dir, self.overrides)
+        self.started = time.perf_counter()
+        with open(self.log, "a") as fh:
+            fh.write(f"\n$ OMP_NUM_THREADS={threads} {' '.join(cmd)}\n")
+            fh.flush()
+            return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+def move_aside(job: Job, why: str) -> None:
+    stale = job.dir.parent / ".stale" / f"{job.dir.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(job.dir), stale)
+    print(f"reproduce: moved {job.dir.relative_to(ROOT)} aside to {stale.relative_to(ROOT)}: {why}", flush=True)
+
+
+class Sharing:
+    """What shared the cores while a table ran: other `reproduce` processes and the load average."""
+
+    def __init__(self, name: str):
+        self.active = RUNS / ".active"
+        self.active.mkdir(parents=True, exist_ok=True)
+        self.mine = self.active / f"{name}.{os.getpid()}"
+        self.mine.write_text(name)
+        self.others: set[str] = set()
+        self.loads: list[float] = []
+        self.sample()
+
+    def sample(self) -> None:
+        self.loads.append(os.getloadavg()[0])
+        for f in self.active.iterdir():
+            pid = int(f.suffix[1:]) if f.suffix[1:].isdigit() else None
+            if f != self.mine and pid and Path(f"/proc/{pid}").exists():
+                self.others.add(f.read_text())
+
+    def close(self) -> None:
+        self.mine.unlink(missing_ok=True)
+
+
+def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharing: Sharing) -> tuple[dict, int, int]:
+    """Run what is missing; return ({(label, seed): summary}, runs at a time, threads per process)."""
+    jobs = [Job(spec, name, row, seed) for row in spec["rows"] for seed in row.get("seeds", spec["seeds"])]
+    todo = []
+    for job in jobs:
+        why = "--fresh" if fresh and job.dir.exists() else (job.mismatch() if job.dir.exists() else None)
+        if why:
+            move_aside(job, why)
+        if not job.finished:
+            todo.append(job)
+    cores = len(os.sched_getaffinity(0))
+    width = max(j.processes for j in todo) if todo else 1
+    at_once = jobs_at_once or max(1, cores // width)
+    threads = max(1, cores // (at_once * width))
+    print(f"reproduce {name}: {len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to run, "
+          f"{at_once} at a time, {threads} thread(s) per process", flush=True)
+    bar = tqdm(total=sum(j.cost for j in jobs), initial=sum(j.cost for j in jobs if j not in todo),
+               desc=f"reproduce {name} ({len(todo)} runs left)", unit="ep", dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} epochs [{elapsed}<{remaining}]")
+    running: dict[Job, subprocess.Popen] = {}
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < at_once:
+            job = queue.pop(0)
+            running[job] = job.start(threads)
+            sharing.sample()
+        time.sleep(2)
+        for job, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[job]
+            sharing.sample()
+            if proc.returncode != 0 or not job.finished:
+                for other in running.values():
+                    other.terminate()  # their checkpoints stay; the next invocation resumes them
+                tail = job.log.read_text().splitlines()[-15:]
+                sys.exit(f"reproduce: run {job.dir.name} failed (exit {proc.returncode}); last lines of "
+                         f"{job.log}:\n" + "\n".join(tail))
+            bar.update(job.cost)
+            bar.set_description(f"reproduce {name} ({len(queue) + len(running)} runs left)")
+    bar.close()
+    return {(j.label, j.seed): json.loads((j.dir / "summary.json").read_text()) for j in jobs}, at_once, threads
+
+
+def provenance(spec: dict, name: str, summaries: dict, elapsed_s: float, at_once: int, threads: int,
+               sharing: Sharing) -> list[str]:
+    infos = [json.loads((RUNS / name / f"{label}-s{seed}" / "run_info.json").read_text()) for label, seed in summaries]
+    commits = sorted({i["git_commit"] for i in infos})
+    data = sorted({(s.get("train_images"), s.get("eval_images"), s.get("eval_split", "test"))
+                   for s in summaries.values()}, key=str)
+    precision = sorted({str(i["config"]["run"].get("precision", "fp32")) for i in infos})
+    v = library_versions()
+    others = ", ".join(sorted(sharing.others)) or "none"
+    return [f"- command: `./run.sh reproduce {name}` (this invocation: {elapsed_s / 60:.1f} min; runs reused from "
+            f"earlier invocations keep their own wall times)",
+            f"- commit(s) of the runs: {', '.join(f'`{c}`' for c in commits)}",
+            f"- machine: {machine_description()}",
+            f"- cores shared: {at_once} run(s) at a time, {threads} thread(s) per process; other tables running "
+            f"at the same time: {others}; load average (1 min) during the runs: "
+            f"{min(sharing.loads):.1f}-{max(sharing.loads):.1f}",
+            f"- data: " + "; ".join(f"{tr:,} training images, evaluated on {ev:,} {split} images"
+                                    for tr, ev, split in data),
+            f"- precision: {', '.join(precision)}",
+            f"- date: {dt.date.today().isoformat()}",
+            f"- versions: torch {v['torch']}, torchvision {v['torchvision']}, horovod {v['horovod']}, "
+            f"mpi4py {v['mpi4py']}",
+            f"- table spec: `configs/reproduce/{name}.yaml`; configs: "
+            + ", ".join(f"`{r['config']}`" + (f" + `{' '.join(r['overrides'])}`" if r.get("overrides") else "")
+                        for r in spec["rows"]),
+            f"- run directories with TensorBoard logs: `runs/reproduce/{name}/` "
+            f"(`./run.sh tensorboard runs/reproduce/{name}`)"]
 
 
 def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
-    """Call each `plots:` entry ("module:function", importable from the repo root) and embed its figures.
+    """Call each `plots:` entry ("module:function"); see experiments/swap_plots.py for the contract."""
+    import importlib
 
-    A plot function takes (spec, summaries, run_base, results_dir), where summaries maps
-    (label, seed) to a run's summary.json, and returns [(caption, png_path), ...]; an item may
-    also be a markdown string (e.g. a table derived from the runs' histories), kept as it is.
-    """
     lines = []
     for entry in spec.get("plots", []):
         module, function = entry.split(":")
         plot = getattr(importlib.import_module(module), function)
-        for item in plot(spec, summaries, ROOT / "runs" / "reproduce" / name, ROOT / "results"):
+        for item in plot(spec, summaries, RUNS / name, ROOT / "results"):
             if isinstance(item, str):
                 lines += ["", item]
                 continue
@@ -92,85 +226,51 @@ def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
     return lines
 
 
-def write_table(spec: dict, name: str, summaries: dict, command: str, elapsed_s: float, commit: str) -> Path:
-    seeds, rows = spec["seeds"], spec["rows"]
-    extra = spec.get("extra_columns", {})  # title -> summary metric, e.g. the SGD iterate of an SWA run
-    error = spec.get("report", "accuracy") == "error"  # SWALP's tables are in test error
-    as_pct = (lambda a: 100 * (1 - a)) if error else (lambda a: 100 * a)
-    what = "test error %" if error else "test acc %"
-    lines = [f"# {spec['title']}", "", spec.get("description", "").strip(), "",
-             f"{what[:-2].capitalize()} (%) and wall time (s): mean ± sample std over seeds {seeds}"
-             + ("; rows with fewer seeds list them" if any("seeds" in r for r in rows) else "") + ".", "",
-             f"| method | {what} | " + "".join(f"{t} | " for t in extra) + f"wall time s | per-seed {what} |",
-             "|---|---|" + "---|" * len(extra) + "---|---|"]
-    acc = {}
-    for row in rows:
-        label = row["label"]
-        final = [summaries[(label, s)]["final"] for s in row.get("seeds", seeds)]
-        acc[label] = [as_pct(f["output/acc"]) for f in final]
-        cells = "".join((f"{mean_std([as_pct(f[m]) if m.endswith('/acc') else f[m] for f in final])} | "
-                         if all(m in f for f in final) else "– | ") for m in extra.values())
-        label_seeds = f" (seeds {row['seeds']})" if "seeds" in row else ""
-        lines.append(f"| {label}{label_seeds} | {mean_std(acc[label])} | {cells}{mean_std([f['wall_s'] for f in final])} | "
-                     f"{', '.join(f'{a:.2f}' for a in acc[label])} |")
-    if spec.get("paired"):
-        lines += ["", "Paired differences (same seed; percentage points):", "",
-                  "| difference | mean ± std | per seed |", "|---|---|---|"]
-        def values(ref: str) -> list[float]:  # "label" (its result) or "label@metric" (any final metric)
-            label, _, metric = ref.partition("@")
-            return acc[label] if not metric else [as_pct(summaries[(label, s)]["final"][metric]) for s in seeds]
-
-        for a, b, *title in spec["paired"]:  # an optional third entry names the difference
-            diffs = [x - y for x, y in zip(values(a), values(b))]
-            what_diff = title[0] if title else f"{a} − {b}"
-            lines.append(f"| {what_diff} | {mean_std(diffs)} | {', '.join(f'{d:+.2f}' for d in diffs)} |")
-    lines += make_plots(spec, name, summaries)
-    versions = library_versions()
-    lines += ["", "## Provenance", "",
-              f"- command: `{command}` (total {elapsed_s / 60:.1f} min)",
-              f"- commit: `{commit}` (when the runs started)",
-              f"- machine: {machine_description()}",
-              f"- date: {dt.date.today().isoformat()}",
-              f"- versions: torch {versions['torch']}, torchvision {versions['torchvision']}, "
-              f"horovod {versions['horovod']}, mpi4py {versions['mpi4py']}",
-              f"- table spec: `configs/reproduce/{name}.yaml`; configs: "
-              + ", ".join(f"`{r['config']}`" + (f" + `{' '.join(r['overrides'])}`" if r.get("overrides") else "")
-                          for r in rows),
-              f"- run directories with TensorBoard logs: `runs/reproduce/{name}/` "
-              f"(`tensorboard --logdir runs/reproduce/{name}`)"]
-    out = ROOT / spec["output"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A hand-written "## Discussion" reads the numbers; it is kept when the table is re-rendered.
-    old = out.read_text() if out.exists() else ""
-    discussion = old[old.index("\n## Discussion"):] if "\n## Discussion" in old else ""
-    out.write_text("\n".join(lines) + "\n" + discussion)
-    return out
-
-
-def reproduce(table: str, reuse: bool) -> Path:
-    spec = yaml.safe_load((ROOT / "configs" / "reproduce" / f"{table}.yaml").read_text())
+def reproduce(name: str, jobs: int | None, fresh: bool) -> Path:
+    spec = yaml.safe_load((SPECS / f"{name}.yaml").read_text())
     start = time.perf_counter()
-    commit = git_commit()  # the code the runs use; later commits must not be credited with them
-    summaries = run_all(spec, table, reuse)
-    command = f"./run.sh reproduce {table}" + (" --reuse" if reuse else "")
-    out = write_table(spec, table, summaries, command, time.perf_counter() - start, commit)
+    sharing = Sharing(name)
+    try:
+        summaries, at_once, threads = run_all(spec, name, jobs, fresh, sharing)
+    finally:
+        sharing.close()
+    elapsed = time.perf_counter() - start
+    markdown, numbers = tables.render(spec, summaries, provenance(spec, name, summaries, elapsed, at_once, threads,
+                                                                  sharing), make_plots(spec, name, summaries))
+    numbers.update(spec=name, output=spec["output"], elapsed_s=elapsed,
+                   run_wall_s=sum(s["final"]["wall_s"] for s in summaries.values()), jobs_at_once=at_once,
+                   shared_with=sorted(sharing.others), date=dt.date.today().isoformat())
+    out = ROOT / spec["output"]
+    tables.write(out, markdown, numbers)
     print(out.read_text())
-    print(f"wrote {out.relative_to(ROOT)}; TensorBoard: tensorboard --logdir runs/reproduce/{table}")
+    print(f"wrote {out.relative_to(ROOT)}; TensorBoard: ./run.sh tensorboard runs/reproduce/{name}")
     return out
+
+
+def headline_specs() -> list[str]:
+    return sorted(p.stem for p in SPECS.glob("*.yaml") if not p.stem.startswith(("pilot_", "smoke_")))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", help="name of a spec in configs/reproduce/, or 'all' for every spec in turn")
-    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished")
+    parser.add_argument("table", help="a spec in configs/reproduce/, 'all' (every headline table, then the "
+                                      "summary) or 'summary' (results/README.md only)")
+    parser.add_argument("--jobs", type=int, help="runs at a time (default: as many as the cores hold)")
+    parser.add_argument("--fresh", action="store_true", help="move every existing run aside and run it again")
     args = parser.parse_args()
-    known = sorted(p.stem for p in (ROOT / "configs" / "reproduce").glob("*.yaml"))
-    if args.table != "all" and args.table not in known:
-        print(f"reproduce: no table {args.table!r}; known: {', '.join(known)}, or all", file=sys.stderr)
+    known = sorted(p.stem for p in SPECS.glob("*.yaml"))
+    if args.table not in (*known, "all", "summary"):
+        print(f"reproduce: no table {args.table!r}; known: {', '.join(known)}, all, summary", file=sys.stderr)
         return 2
-    written = [reproduce(table, args.reuse) for table in (known if args.table == "all" else [args.table])]
-    if len(written) > 1:
-        print("wrote " + ", ".join(str(p.relative_to(ROOT)) for p in written))
+    try:
+        names = headline_specs() if args.table == "all" else [] if args.table == "summary" else [args.table]
+        for name in names:
+            reproduce(name, args.jobs, args.fresh)
+    except ConfigError as err:
+        print(f"reproduce: a row's config is invalid: {err}", file=sys.stderr)
+        return 2
+    if args.table in ("all", "summary"):
+        print(f"wrote {summary_page.write(ROOT, headline_specs()).relative_to(ROOT)}")
     return 0
 
 

@@ -80,7 +80,7 @@ def test_a_period_that_leaves_steps_out_of_the_output_warns(tmp_path):
 
 def test_groups_that_do_not_divide_the_world_exit_2_before_training(tmp_path):
     proc = subprocess.run([PYTHON, str(REPO_ROOT / "experiments" / "hwa_cifar.py"),
-                           "--config", str(REPO_ROOT / "configs" / "hwa" / "cifar10_resnet9_hwa_reduced.yaml"),
+                           "--config", str(REPO_ROOT / "configs" / "hwa" / "cifar10_resnet9_hwa_smoke.yaml"),
                            "--run-dir", str(tmp_path / "run"), *TINY, "method.groups=3"],
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert proc.returncode == 2, proc.stderr

@@ -108,7 +108,7 @@ def _sha(path: Path) -> str:
 
 def test_nan_loss_stops_with_a_diagnostic_and_keeps_the_last_checkpoint(tmp_path):
     cmd = [sys.executable, str(ROOT / "experiments" / "baselines.py"), "--config",
-           str(ROOT / "configs" / "baselines" / "cifar10_resnet9_sgd_reduced.yaml"), "--run-dir", str(tmp_path / "r"),
+           str(ROOT / "configs" / "baselines" / "cifar10_resnet9_sgd_smoke.yaml"), "--run-dir", str(tmp_path / "r"),
            *TINY]
     ok = subprocess.run(cmd + ["run.stop_after_epochs=1"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr

@@ -73,7 +73,7 @@ def test_bad_swap_fields_are_named_before_training(override, field):
 
 
 def _cli(tmp_path, *overrides, np=1):
-    cmd = [PYTHON, str(ENTRY), "--config", str(REPO_ROOT / "configs/swap/cifar10_resnet9_swap_reduced.yaml"),
+    cmd = [PYTHON, str(ENTRY), "--config", str(REPO_ROOT / "configs/swap/cifar10_resnet9_swap_smoke.yaml"),
            "--run-dir", str(tmp_path), *TINY, *overrides]
     if np > 1:
         cmd = [*MPIRUN, "-np", str(np), *cmd]

@@ -1,0 +1,126 @@
+"""Markdown and JSON for one results table, computed from its runs' summary.json files.
+
+A table spec (configs/reproduce/<name>.yaml) refers to numbers with *refs*:
+
+    "SWA"                   the row's result: its output model's final test accuracy
+    "SWA@model/acc"         any key of the row's summary["final"] (here: the SGD iterate)
+    "SWA@swa/acc@e12"       the evaluated model "swa" at the evaluation after epoch 12 (from the
+                            run's history: SWA's budget-B point of a 1.5B run, for example)
+
+Accuracies are reported in percent, or as test error in percent with `report: error`.
+Every difference is paired: the same seed's runs.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+
+def mean_std(values: list[float]) -> str:
+    """'m ± s' (sample std) over seeds; a single value as it is; '–' for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def row_seeds(spec: dict, label: str) -> list[int]:
+    row = next((r for r in spec["rows"] if r["label"] == label), None)
+    if row is None:
+        raise KeyError(f"{label!r} is not a row of table {spec['title']!r}")
+    return row.get("seeds", spec["seeds"])
+
+
+def metric_value(summary: dict, metric: str | None) -> float:
+    """One number of one run: see the module docstring for the forms of `metric`."""
+    if metric is None:
+        return summary["final"]["output/acc"]
+    key, _, epoch = metric.partition("@e")
+    if not epoch:
+        return summary["final"][key]
+    name, _, field = key.rpartition("/")
+    hits = [h for h in summary["history"] if h["epoch"] == int(epoch) and name in h["results"]]
+    if not hits:
+        raise KeyError(f"no evaluation of {name!r} after epoch {epoch} in this run's history "
+                       f"(evaluated epochs: {sorted({h['epoch'] for h in summary['history']})})")
+    return hits[-1]["results"][name][field]
+
+
+class Table:
+    """The numbers of one table: rows x seeds, with percent conversion and paired differences."""
+
+    def __init__(self, spec: dict, summaries: dict):
+        self.spec, self.summaries = spec, summaries
+        self.error = spec.get("report", "accuracy") == "error"
+
+    def pct(self, metric: str | None, value: float) -> float:
+        if metric is not None and not metric.partition("@e")[0].endswith("/acc"):
+            return value  # seconds, counts: as they are
+        return 100 * (1 - value) if self.error else 100 * value
+
+    def values(self, ref: str, seeds: list[int] | None = None) -> dict[int, float]:
+        """{seed: value} of a ref over the row's seeds (or the given ones)."""
+        label, _, metric = ref.partition("@")
+        metric = metric or None
+        seeds = row_seeds(self.spec, label) if seeds is None else seeds
+        return {s: self.pct(metric, metric_value(self.summaries[(label, s)], metric)) for s in seeds}
+
+    def difference(self, a: str, b: str) -> dict[int, float]:
+        """{seed: a - b} over the seeds both refs ran with."""
+        seeds = [s for s in row_seeds(self.spec, a.partition("@")[0]) if s in row_seeds(self.spec, b.partition("@")[0])]
+        va, vb = self.values(a, seeds), self.values(b, seeds)
+        return {s: va[s] - vb[s] for s in seeds}
+
+
+def render(spec: dict, summaries: dict, provenance: list[str], plots: list[str]) -> tuple[str, dict]:
+    """The table's markdown (without a Discussion) and its machine-readable numbers."""
+    t = Table(spec, summaries)
+    what = "test error %" if t.error else "test acc %"
+    extra = spec.get("extra_columns", {})
+    rows = spec["rows"]
+    lines = [f"# {spec['title']}", "", spec.get("description", "").strip(), "",
+             f"{what[:-2].capitalize()} (%) and wall time (s): mean ± sample std over seeds {spec['seeds']}"
+             + ("; rows with fewer seeds list them" if any("seeds" in r for r in rows) else "") + ".", "",
+             f"| method | {what} | " + "".join(f"{title} | " for title in extra) + f"wall time s | per-seed {what} |",
+             "|---|---|" + "---|" * len(extra) + "---|---|"]
+    numbers: dict = {"title": spec["title"], "report": what, "rows": {}, "paired": {}}
+    for row in rows:
+        label = row["label"]
+        result = t.values(label)
+        cells = []
+        for metric in extra.values():
+            try:
+                cells.append(mean_std(list(t.values(f"{label}@{metric}").values())))
+            except KeyError:  # a column that does not apply to this row (e.g. workers of SB)
+                cells.append("–")
+        wall = [summaries[(label, s)]["final"]["wall_s"] for s in row_seeds(spec, label)]
+        seeds_note = f" (seeds {row['seeds']})" if "seeds" in row else ""
+        lines.append(f"| {label}{seeds_note} | {mean_std(list(result.values()))} | {''.join(c + ' | ' for c in cells)}"
+                     f"{mean_std(wall)} | {', '.join(f'{v:.2f}' for v in result.values())} |")
+        numbers["rows"][label] = {"per_seed": result, "wall_s": wall}
+    if spec.get("paired"):
+        lines += ["", "Paired differences (same seed; percentage points):", "",
+                  "| difference | mean ± std | per seed |", "|---|---|---|"]
+        for a, b, *title in spec["paired"]:  # an optional third entry names the difference
+            diff = t.difference(a, b)
+            name = title[0] if title else f"{a} − {b}"
+            lines.append(f"| {name} | {mean_std(list(diff.values()))} | {', '.join(f'{d:+.2f}' for d in diff.values())} |")
+            numbers["paired"][name] = {"a": a, "b": b, "per_seed": diff}
+    numbers["claims"] = []
+    for claim in spec.get("claims", []):
+        a, b = claim["difference"]
+        diff = t.difference(a, b)
+        numbers["claims"].append(dict(claim, per_seed=diff, a=t.values(a, list(diff)), b=t.values(b, list(diff))))
+    return "\n".join(lines + plots + ["", "## Provenance", "", *provenance]) + "\n", numbers
+
+
+def write(out: Path, markdown: str, numbers: dict) -> None:
+    """Write the table and its numbers (<table>.json beside it); keep a hand-written Discussion."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.read_text() if out.exists() else ""
+    discussion = old[old.index("\n## Discussion"):] if "\n## Discussion" in old else ""
+    out.write_text(markdown + discussion)
+    out.with_suffix(".json").write_text(json.dumps(numbers, indent=1, default=str) + "\n")
