@@ -134,6 +134,7 @@ class Trainer:
         set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state["rng"].items()})
         c.epoch, c.step = state["epoch"], state["step"]
         self.history, self.timer.totals, self.wall_offset_s = state["history"], state["timers"], state["wall_s"]
+        self.last_train = self.history[-1].get("train") if self.history else None
         return True
 
     # ------------------------------------------------------------------ training
@@ -149,6 +150,7 @@ class Trainer:
         while self.ctx.epoch < stop_at and not self.strategy.finished():
             phase_before = self.strategy.phase
             metrics = self._train_epoch(self.ctx.epoch)
+            self.last_train = metrics  # the epoch's training loss/accuracy, kept in the history
             self.ctx.epoch += 1
             self.strategy.after_epoch(self.ctx.epoch - 1, metrics)
             last = self.ctx.epoch == stop_at or self.strategy.finished()
@@ -283,6 +285,7 @@ class Trainer:
         self.history.append({"epoch": self.ctx.epoch, "step": self.ctx.step, "wall_s": values["time/wall_s"],
                              "timers": dict(self.timer.totals),  # seconds per phase so far (time-to-target)
                              "phase": self.strategy.phase, "results": results,
+                             "train": getattr(self, "last_train", None),  # the last epoch's, over its group
                              **({"groups": {str(k): v for k, v in sorted(groups.items())}} if groups else {})})
         return results
 
@@ -304,6 +307,8 @@ class Trainer:
             for k in m:
                 final[f"groups_mean/{n}/{k}"] = sum(r[n][k] for r in per) / len(per)
                 final[f"groups_max/{n}/{k}"] = max(r[n][k] for r in per)
+        train = self.history[-1].get("train") or {}
+        final.update({f"train/{k}": v for k, v in train.items()})  # the last epoch's training metrics
         final.update({"output/acc": last[out]["acc"], "output/loss": last[out]["loss"],
                       "wall_s": self._wall_s(), **{f"time/{k}": v for k, v in self.timer.totals.items()}})
         summary = {"output_name": out, "epochs": self.ctx.epoch, "steps": self.ctx.step, "final": final,
