@@ -56,6 +56,20 @@ def test_one_group_is_a_sliding_window_average_of_plain_sgd(tmp_path):
     assert summary["output_name"] == "hwa" and summary["final"]["output/acc"] == summary["final"]["hwa/acc"]
 
 
+def test_online_target_is_what_the_same_run_with_a_window_of_one_outputs(tmp_path):
+    """eval_online reads the online-only result off an HWA run: the window never feeds back."""
+    both = build(tmp_path, "both", *HWA, "method.eval_online=true")
+    summary = both.fit()
+    online_only = build(tmp_path, "m1", *HWA, "method.window_cycles=1")
+    reference = online_only.fit()
+    assert torch.equal(flat_parameters(both.strategy.online), flat_parameters(online_only.strategy.average))
+    for a, b in zip(both.strategy.online.buffers(), online_only.strategy.average.buffers(), strict=True):
+        assert torch.equal(a, b)  # the same BN recompute
+    assert summary["final"]["online/acc"] == reference["final"]["hwa/acc"]
+    assert summary["final"]["hwa/acc"] == summary["final"]["output/acc"]  # the output is still the window
+    assert not torch.equal(flat_parameters(both.strategy.online), flat_parameters(both.strategy.average))
+
+
 @pytest.mark.parametrize("override, field", [
     ("method.sync_period_steps=0", "method.sync_period_steps"),
     ("method.window_cycles=0", "method.window_cycles"),

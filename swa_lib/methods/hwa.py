@@ -53,6 +53,10 @@ class HWAConfig:
     # own (local SGD practice). "reset": zero it, as after a fresh start.
     momentum: str = "average"
     group_seed_stride: int = 1000  # group g's data-order seed is run.seed + g * stride
+    # Also evaluate the last online average alone ("online", BN recomputed): what the same run
+    # with window_cycles 1 (online-only averaging) would output, since the window never feeds
+    # back into training. Costs one more BN recompute and evaluation per evaluation.
+    eval_online: bool = False
 
     def validate(self, cfg) -> list[str]:
         p = []
@@ -113,6 +117,7 @@ class HWA(Strategy):
         self.window: deque[torch.Tensor] = deque(maxlen=m.window_cycles)
         self.cycles = 0  # online averages taken so far (= step // H)
         self.average = copy.deepcopy(ctx.model)  # holds the window mean when it is evaluated
+        self.online = copy.deepcopy(ctx.model) if m.eval_online else None  # the last online average
         self._check_cycles()
 
     def _check_cycles(self) -> None:
@@ -182,13 +187,17 @@ class HWA(Strategy):
         total = torch.zeros_like(self.window[0], dtype=torch.float64)
         for snapshot in self.window:
             total += snapshot
-        load_flat_parameters_(self.average, (total / len(self.window)).float())
-        self.ctx.update_bn(self.average)  # exact over this group's processes
-        if self.cfg.method.groups > 1:
-            # Distributed: groups saw different batches; their mean is the mean over every rank's
-            # equal share of batches, so the "hwa" model is the same everywhere.
-            self.ctx.comm.allreduce_(bn_buffers(self.average), "mean", self.ctx.comm.world)
-        return {"hwa": self.average}
+        targets = {"hwa": (self.average, (total / len(self.window)).float())}
+        if self.online is not None:
+            targets["online"] = (self.online, self.window[-1])
+        for model, flat in targets.values():
+            load_flat_parameters_(model, flat)
+            self.ctx.update_bn(model)  # exact over this group's processes
+            if self.cfg.method.groups > 1:
+                # Distributed: groups saw different batches; their mean is the mean over every rank's
+                # equal share of batches, so the evaluated model is the same everywhere.
+                self.ctx.comm.allreduce_(bn_buffers(model), "mean", self.ctx.comm.world)
+        return {name: model for name, (model, _) in targets.items()}
 
     def state_dict(self) -> dict:
         return {"cycles": self.cycles, "window": list(self.window)}
