@@ -7,13 +7,14 @@ Each table spec lists the claims it tests (`claims:` in configs/reproduce/<name>
         paper: "VGG16 CIFAR-10: ..."          # the paper's number, as stated in SPEC or the paper
         paper_status: verified | unverified   # read in the paper/official code here, or not
         difference: [SWA@swa/acc@e15, SGD]    # refs, as in experiments/tables.py
-        expect: positive | negative           # the sign the claim predicts for a - b
+        expect: positive | negative | within 0.3   # the sign the claim predicts for a - b, or
+                                              # "no difference": |a - b| at most 0.3 points
         note: optional one-line context
 
 The verdict is mechanical, from the paired per-seed differences:
-  holds                every seed's difference has the predicted sign;
-  partly               the mean has the predicted sign, but not every seed;
-  does not hold here   the mean has the other sign (or is zero).
+  holds                every seed's difference has the predicted sign (or is within the margin);
+  partly               the mean has the predicted sign (or is within the margin), not every seed;
+  does not hold here   the mean has the other sign, or is zero (or is outside the margin).
 `./run.sh reproduce <table>` writes results/<table>.json; this page reads only those files,
 so it regenerates from a clean checkout without any run directory.
 """
@@ -27,17 +28,23 @@ import yaml
 
 from experiments.tables import mean_std
 
-RULE = ("holds: every seed's paired difference has the sign the claim predicts; partly: the mean "
-        "has it but not every seed; does not hold here: the mean has the other sign")
+RULE = ("holds: every seed's paired difference has the sign the claim predicts (or, for a claim of no "
+        "difference, lies within its margin); partly: the mean does, but not every seed; does not hold "
+        "here: the mean does not")
 
 
 def verdict(diffs: list[float], expect: str) -> str:
-    sign = 1 if expect == "positive" else -1
-    if all(sign * d > 0 for d in diffs):
+    if expect.startswith("within"):
+        margin = float(expect.split()[1])
+        ok = lambda d: abs(d) <= margin  # noqa: E731
+    elif expect in ("positive", "negative"):
+        sign = 1 if expect == "positive" else -1
+        ok = lambda d: sign * d > 0  # noqa: E731
+    else:
+        raise ValueError(f"claim expect {expect!r}: use positive, negative or 'within <points>'")
+    if all(ok(d) for d in diffs):
         return "holds"
-    if sign * statistics.mean(diffs) > 0:
-        return "partly"
-    return "does not hold here"
+    return "partly" if ok(statistics.mean(diffs)) else "does not hold here"
 
 
 def claim_rows(root: Path, spec_names: list[str]) -> tuple[list[str], float, list[str]]:

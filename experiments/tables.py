@@ -6,6 +6,9 @@ A table spec (configs/reproduce/<name>.yaml) refers to numbers with *refs*:
     "SWA@model/acc"         any key of the row's summary["final"] (here: the SGD iterate)
     "SWA@swa/acc@e12"       the evaluated model "swa" at the evaluation after epoch 12 (from the
                             run's history: SWA's budget-B point of a 1.5B run, for example)
+    "cosine@ema/steps_to_final"   the first evaluated step at which "ema" reaches the final
+                            accuracy of the same run's training model (time to target with the
+                            run's own end point as the target; the run's last step if never)
 
 Accuracies are reported in percent, or as test error in percent with `report: error`.
 Every difference is paired: the same seed's runs.
@@ -39,6 +42,10 @@ def metric_value(summary: dict, metric: str | None) -> float:
     if metric is None:
         return summary["final"]["output/acc"]
     key, _, epoch = metric.partition("@e")
+    if key.endswith("/steps_to_final"):
+        name, target = key.rpartition("/")[0], summary["final"]["model/acc"]
+        hits = [h["step"] for h in summary["history"] if h["results"].get(name, {}).get("acc", -1) >= target]
+        return float(min(hits, default=summary["steps"]))
     if not epoch:
         return summary["final"][key]
     name, _, field = key.rpartition("/")

@@ -1,0 +1,107 @@
+"""The reproduce machinery: refs into run summaries, claim verdicts, run reuse, and one real table."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mpi_util import PYTHON, REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))
+from experiments import reproduce, summary, tables  # noqa: E402
+from swa_lib.config import to_dict  # noqa: E402
+
+
+def fake_summary(final_model_acc=0.80):
+    history = [{"epoch": 1, "step": 10, "results": {"model": {"acc": 0.50}}},
+               {"epoch": 2, "step": 20, "results": {"model": {"acc": 0.70}, "ema": {"acc": 0.81}}},
+               {"epoch": 2, "step": 20, "results": {"model": {"acc": 0.71}, "ema": {"acc": 0.82}}},  # re-evaluated
+               {"epoch": 3, "step": 30, "results": {"model": {"acc": final_model_acc}, "ema": {"acc": 0.79}}}]
+    return {"final": {"output/acc": 0.79, "model/acc": final_model_acc, "ema/acc": 0.79, "wall_s": 5.0},
+            "history": history, "steps": 30}
+
+
+def test_refs_read_final_values_history_points_and_steps_to_final():
+    s = fake_summary()
+    assert tables.metric_value(s, None) == 0.79
+    assert tables.metric_value(s, "model/acc") == 0.80
+    assert tables.metric_value(s, "ema/acc@e2") == 0.82  # the last evaluation after epoch 2 wins
+    assert tables.metric_value(s, "ema/steps_to_final") == 20.0  # ema reached 0.80 at step 20
+    assert tables.metric_value(s, "model/steps_to_final") == 30.0
+    assert tables.metric_value(fake_summary(0.95), "ema/steps_to_final") == 30.0  # never: the last step
+    with pytest.raises(KeyError, match="after epoch 7"):
+        tables.metric_value(s, "ema/acc@e7")
+
+
+def test_paired_differences_and_percent_or_error():
+    spec = {"title": "t", "seeds": [0, 1], "rows": [{"label": "A"}, {"label": "B", "seeds": [1]}]}
+    runs = {("A", 0): fake_summary(0.8), ("A", 1): fake_summary(0.9), ("B", 1): fake_summary(0.6)}
+    t = tables.Table(spec, runs)
+    assert t.values("A@model/acc") == {0: pytest.approx(80.0), 1: pytest.approx(90.0)}
+    assert t.difference("A@model/acc", "B@model/acc") == {1: pytest.approx(30.0)}  # only shared seeds
+    assert t.values("A@model/steps_to_final") == {0: 30.0, 1: 30.0}  # not an accuracy: as it is
+    error = tables.Table({**spec, "report": "error"}, runs)
+    assert error.values("A@model/acc") == {0: pytest.approx(20.0), 1: pytest.approx(10.0)}
+
+
+@pytest.mark.parametrize("diffs, expect, verdict", [
+    ([0.2, 0.1, 0.4], "positive", "holds"),
+    ([0.5, -0.1, 0.4], "positive", "partly"),
+    ([-0.5, 0.1, -0.4], "positive", "does not hold here"),
+    ([-0.5, -0.1, -0.4], "negative", "holds"),
+    ([0.0, 0.0, 0.0], "positive", "does not hold here"),
+    ([0.1, -0.2, 0.05], "within 0.3", "holds"),
+    ([0.5, -0.2, 0.0], "within 0.3", "partly"),
+    ([0.5, 0.4, 0.9], "within 0.3", "does not hold here"),
+])
+def test_claim_verdicts(diffs, expect, verdict):
+    assert summary.verdict(diffs, expect) == verdict
+
+
+def test_a_run_is_reused_only_with_the_same_config_and_code(tmp_path, monkeypatch):
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
+    job = reproduce.Job(spec, "smoke", spec["rows"][0], 0)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    first = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                           text=True).stdout.split()[0]
+
+    def record(config: dict, commit: str) -> None:
+        job.dir.mkdir(parents=True, exist_ok=True)
+        (job.dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (job.dir / "run_info.json").write_text(json.dumps({"git_commit": commit}))
+
+    assert "no readable config" in job.mismatch()
+    record(to_dict(job.config), head)
+    assert job.mismatch() is None  # same config, same code: reusable
+    changed = to_dict(job.config)
+    changed["optim"]["lr"] = 0.5
+    record(changed, head)
+    assert job.mismatch() == "its config differs in optim.lr"
+    record(to_dict(job.config), head + "-dirty")
+    assert "modified or unknown tree" in job.mismatch()
+    record(to_dict(job.config), first)  # the first commit had none of today's code
+    assert "the code changed since its commit" in job.mismatch()
+
+
+@pytest.mark.timeout(600)
+def test_smoke_table_end_to_end(tmp_path):
+    """The smoke spec runs 4 tiny real trainings, writes its table and .json, and names its data."""
+    out = subprocess.run([PYTHON, str(REPO_ROOT / "experiments/reproduce.py"), "smoke_baselines", "--fresh"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=580)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    table = (REPO_ROOT / "runs/smoke/smoke_baselines.md").read_text()
+    numbers = json.loads((REPO_ROOT / "runs/smoke/smoke_baselines.json").read_text())
+    assert "1,000 training images, evaluated on 500 test images" in table
+    per_seed = numbers["rows"]["SWA"]["per_seed"]
+    assert set(per_seed) == {"0", "1"} and all(0 <= v <= 100 for v in per_seed.values())
+    claim = numbers["claims"][0]
+    assert claim["per_seed"] == {k: pytest.approx(claim["a"][k] - claim["b"][k]) for k in claim["a"]}
+    runs = REPO_ROOT / "runs/reproduce/smoke_baselines"
+    for label in ("SGD", "SWA"):
+        for seed in (0, 1):
+            run = json.loads((runs / f"{label}-s{seed}" / "summary.json").read_text())
+            assert numbers["rows"][label]["per_seed"][str(seed)] == pytest.approx(100 * run["final"]["output/acc"])
