@@ -207,7 +207,8 @@ def report(spec: dict, summaries: dict, run_base: Path, results_dir: Path) -> li
     seeds = spec["seeds"]
     results_dir.mkdir(parents=True, exist_ok=True)
     out = []
-    for section in (_time_to_target, _window_sweep, _lr_decay):
+    sections = [_time_to_target, *([_window_sweep] if "sweep_row" in spec["averaging"] else []), _lr_decay]
+    for section in sections:
         for item in section(spec, summaries, seeds, results_dir):
             out.append(item)
     # Consecutive markdown lines form one block (a table must not be split by blank lines).
