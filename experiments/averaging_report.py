@@ -15,21 +15,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments.tables import mean_std  # noqa: E402
 from swa_lib.time_to_target import time_to_target  # noqa: E402
 
 
 def row_seeds(spec: dict, label: str) -> list[int]:
     row = next(r for r in spec["rows"] if r["label"] == label)
     return row.get("seeds", spec["seeds"])
-
-
-def mean_std(values, fmt="{:.2f}") -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
 def curve(summary: dict, name: str) -> tuple[list[int], list[float]]:

@@ -2,6 +2,8 @@
 
 accuracy_vs_time  test accuracy against wall time for SB, LB and SWAP (phase 1, each phase-2
                   worker, the phase-3 average), one seed, from the runs' evaluation history.
+time_table        the time claim three ways: measured training time, critical-path optimizer
+                  steps, and a modelled time on one core per process (see its docstring).
 error_plane       test error on the plane through three phase-2 workers' weights (the paper's
                   figure): the workers' final weights come from the pinned phase-3 checkpoint
                   (rank r holds worker r when workers are single processes); every grid point
@@ -19,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E402
 
+from experiments.tables import mean_std  # noqa: E402
 from swa_lib.averaging import update_bn_  # noqa: E402
 from swa_lib.config import load_config  # noqa: E402
 from swa_lib.methods.base import DataShard  # noqa: E402
@@ -133,3 +136,56 @@ def error_plane(spec, summaries, run_base, results_dir, seed=None, grid=7, margi
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return [("Test error on the plane through three phase-2 workers, with their average", path)]
+
+
+def _phase_steps(summary: dict) -> dict[str, int]:
+    """Optimizer steps per phase, from the evaluation history (every phase switch is evaluated)."""
+    ends: dict[str, int] = {}
+    for h in summary["history"]:
+        ends[h["phase"]] = h["step"]
+    phases = sorted(ends, key=lambda p: ends[p])
+    if "phase3" in ends:  # phase 3 takes no step: its evaluation closes phase 2
+        phases.remove("phase3")
+    out, before = {}, 0
+    for phase in phases:  # an entry's phase is the phase *after* the switch it records
+        out[phase] = ends[phase] - before if phase != phases[0] else ends[phase]
+        before = ends[phase]
+    if "phase2" in out and "phase1" not in out:
+        out = {"phase1": summary["steps"], **out}
+    return out
+
+
+def time_table(spec, summaries, run_base, results_dir):
+    """The SWAP time claim, three ways, each labelled for what it is.
+
+    measured      training seconds of this run on this machine (4 processes sharing 2 cores;
+                  evaluation and checkpoints excluded; phase 3's average and BN recompute included).
+    critical path sequential optimizer steps: phase-2 workers run in parallel, so a SWAP run's
+                  critical path is its phase-1 steps plus one worker's phase-2 steps. On hardware
+                  whose step time barely grows with the batch (GPUs far from saturation, the
+                  paper's regime), time is proportional to this count.
+    modelled      each process on a core of its own: every phase's measured seconds per step,
+                  scaled by cores / processes (communication as measured here, included). On
+                  this CPU throughput is flat in the batch, so this model gives large batches no
+                  advantage per image; it is the time the same runs would take with one core each.
+    """
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    lines = ["## Time, three ways", "", time_table.__doc__.split("\n\n", 1)[1].replace("    ", ""), "",
+             "| method | measured training s | critical-path steps | modelled s (one core per process) | "
+             "steps per phase |", "|---|---|---|---|---|"]
+    for row in spec["rows"]:
+        label = row["label"]
+        seeds = row.get("seeds", spec["seeds"])
+        runs = [summaries[(label, s)] for s in seeds]
+        procs = row.get("processes", spec.get("processes", 1))
+        scale = min(1.0, cores / procs)
+        measured = [r["final"]["time/train"] for r in runs]
+        steps = [r["steps"] for r in runs]
+        modelled = [r["final"]["time/train"] * scale for r in runs]
+        per_phase = _phase_steps(runs[0])
+        lines.append(f"| {label} | {mean_std(measured, '{:.1f}')} | {mean_std(steps, '{:.0f}')} | {mean_std(modelled, '{:.1f}')} | "
+                     + ", ".join(f"{p}: {n}" for p, n in per_phase.items()) + f" (seed {seeds[0]}) |")
+    return ["\n".join(lines)]
+

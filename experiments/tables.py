@@ -20,14 +20,14 @@ import statistics
 from pathlib import Path
 
 
-def mean_std(values: list[float]) -> str:
-    """'m ± s' (sample std) over seeds; a single value as it is; '–' for none."""
+def mean_std(values: list[float | None], fmt: str = "{:.2f}") -> str:
+    """'m ± s' (sample std) over seeds, missing values (None) left out; one value as it is; '–' for none."""
     values = [v for v in values if v is not None]
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
 def row_seeds(spec: dict, label: str) -> list[int]:
@@ -46,6 +46,8 @@ def metric_value(summary: dict, metric: str | None) -> float:
         name, target = key.rpartition("/")[0], summary["final"]["model/acc"]
         hits = [h["step"] for h in summary["history"] if h["results"].get(name, {}).get("acc", -1) >= target]
         return float(min(hits, default=summary["steps"]))
+    if key == "steps":  # optimizer steps of the run (per process: SWAP's critical path)
+        return float(summary["steps"])
     if not epoch:
         return summary["final"][key]
     name, _, field = key.rpartition("/")
