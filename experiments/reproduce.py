@@ -93,9 +93,22 @@ class Job:
                               capture_output=True).returncode == 0
         return None if same else f"the code changed since its commit {commit[:10]} ({', '.join(paths)})"
 
+    @property
+    def load_file(self) -> Path:
+        """Load-average samples taken while this run trained (kept beside its log)."""
+        return self.dir.parent / f"{self.dir.name}.load.json"
+
+    def record_load(self, others: set[str], at_once: int) -> None:
+        state = json.loads(self.load_file.read_text()) if self.load_file.exists() else {"load": [], "tables": []}
+        state.update(at_once=at_once, threads=self.threads)
+        state["load"].append(round(os.getloadavg()[0], 2))
+        state["tables"] = sorted(set(state["tables"]) | others)
+        self.load_file.write_text(json.dumps(state))
+
     def start(self, threads: int) -> subprocess.Popen:
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.dir.parent / f"{self.dir.name}.log"
+        self.threads = threads
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         cmd = launch_command(self.entry, self.processes, self.row["config"], self.dir, self.overrides)
         self.started = time.perf_counter()
@@ -116,9 +129,10 @@ class Sharing:
     """What shared the cores while a table ran: other `reproduce` processes and the load average."""
 
     def __init__(self, name: str):
-        self.active = RUNS / ".active"
+        # Machine-wide (outside the checkout), so tables run from other clones or worktrees count too.
+        self.active = Path(os.environ.get("SWA_REPRODUCE_ACTIVE", Path.home() / ".cache/swa_lib/reproduce-active"))
         self.active.mkdir(parents=True, exist_ok=True)
-        self.mine = self.active / f"{name}.{os.getpid()}"
+        self.mine = self.active / f"{name}.{os.getpid()}"  # name.pid; a dead pid's file is ignored
         self.mine.write_text(name)
         self.others: set[str] = set()
         self.loads: list[float] = []
@@ -126,6 +140,7 @@ class Sharing:
 
     def sample(self) -> None:
         self.loads.append(os.getloadavg()[0])
+        self.loads = self.loads[-10000:]
         for f in self.active.iterdir():
             pid = int(f.suffix[1:]) if f.suffix[1:].isdigit() else None
             if f != self.mine and pid and Path(f"/proc/{pid}").exists():
@@ -162,7 +177,10 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
             running[job] = job.start(threads)
             sharing.sample()
         time.sleep(2)
+        sharing.sample()
         for job, proc in list(running.items()):
+            if len(sharing.loads) % 15 == 0:  # about every 30 s: what shared the cores with this run
+                job.record_load(sharing.others, at_once)
             if proc.poll() is None:
                 continue
             del running[job]
@@ -187,14 +205,25 @@ def provenance(spec: dict, name: str, summaries: dict, elapsed_s: float, at_once
                    for s in summaries.values()}, key=str)
     precision = sorted({str(i["config"]["run"].get("precision", "fp32")) for i in infos})
     v = library_versions()
-    others = ", ".join(sorted(sharing.others)) or "none"
+    # Load and concurrent tables while each run trained (recorded per run, so reused runs count too).
+    loads, others = list(sharing.loads), set(sharing.others)
+    layouts = {(at_once, threads)} if threads else set()
+    for label, seed in summaries:
+        f = RUNS / name / f"{label}-s{seed}.load.json"
+        if f.exists():
+            state = json.loads(f.read_text())
+            loads += state["load"]
+            others |= set(state["tables"])
+            layouts.add((state["at_once"], state["threads"]))
+    others = ", ".join(sorted(others - {name})) or "none"
+    layout = " / ".join(f"{a} run(s) at a time, {t} thread(s) per process" for a, t in sorted(layouts))
     return [f"- command: `./run.sh reproduce {name}` (this invocation: {elapsed_s / 60:.1f} min; runs reused from "
             f"earlier invocations keep their own wall times)",
             f"- commit(s) of the runs: {', '.join(f'`{c}`' for c in commits)}",
             f"- machine: {machine_description()}",
-            f"- cores shared: {at_once} run(s) at a time, {threads} thread(s) per process; other tables running "
+            f"- cores shared: {layout or 'not recorded'}; other tables running "
             f"at the same time: {others}; load average (1 min) during the runs: "
-            f"{min(sharing.loads):.1f}-{max(sharing.loads):.1f}",
+            f"{min(loads):.1f}-{max(loads):.1f} (median {sorted(loads)[len(loads) // 2]:.1f}; 2 cores)",
             f"- data: " + "; ".join(f"{tr:,} training images, evaluated on {ev:,} {split} images"
                                     for tr, ev, split in data),
             f"- precision: {', '.join(precision)}",
@@ -226,12 +255,24 @@ def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
     return lines
 
 
-def reproduce(name: str, jobs: int | None, fresh: bool) -> Path:
+def finished_runs(spec: dict, name: str) -> dict:
+    """Every run's summary, as the runs are (for --render-only); names any run that is missing."""
+    jobs = [Job(spec, name, row, seed) for row in spec["rows"] for seed in row.get("seeds", spec["seeds"])]
+    missing = [j.dir.name for j in jobs if not j.finished]
+    if missing:
+        sys.exit(f"reproduce: --render-only needs every run finished; missing: {', '.join(missing)}")
+    return {(j.label, j.seed): json.loads((j.dir / "summary.json").read_text()) for j in jobs}
+
+
+def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = False) -> Path:
     spec = yaml.safe_load((SPECS / f"{name}.yaml").read_text())
     start = time.perf_counter()
     sharing = Sharing(name)
     try:
-        summaries, at_once, threads = run_all(spec, name, jobs, fresh, sharing)
+        if render_only:
+            summaries, at_once, threads = finished_runs(spec, name), jobs or 0, 0
+        else:
+            summaries, at_once, threads = run_all(spec, name, jobs, fresh, sharing)
     finally:
         sharing.close()
     elapsed = time.perf_counter() - start
@@ -257,6 +298,9 @@ def main() -> int:
                                       "summary) or 'summary' (results/README.md only)")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: as many as the cores hold)")
     parser.add_argument("--fresh", action="store_true", help="move every existing run aside and run it again")
+    parser.add_argument("--render-only", action="store_true",
+                        help="write the table from the finished runs as they are, without checking that "
+                             "their config and code match this checkout (their commits are listed)")
     args = parser.parse_args()
     known = sorted(p.stem for p in SPECS.glob("*.yaml"))
     if args.table not in (*known, "all", "summary"):
@@ -265,7 +309,7 @@ def main() -> int:
     try:
         names = headline_specs() if args.table == "all" else [] if args.table == "summary" else [args.table]
         for name in names:
-            reproduce(name, args.jobs, args.fresh)
+            reproduce(name, args.jobs, args.fresh, args.render_only)
     except ConfigError as err:
         print(f"reproduce: a row's config is invalid: {err}", file=sys.stderr)
         return 2
