@@ -57,12 +57,17 @@ def launch_command(entry: str, processes: int, config: str, run_dir: Path, overr
     return cmd
 
 
+def run_dir_name(label: str, seed: int) -> str:
+    """A row label may hold '/' (e.g. "K=1 (SGD / offline-only)"); a run directory may not."""
+    return f"{label.replace('/', '-')}-s{seed}"
+
+
 class Job:
     """One (row, seed) run of a table."""
 
     def __init__(self, spec: dict, name: str, row: dict, seed: int):
         self.row, self.seed, self.label = row, seed, row["label"]
-        self.dir = RUNS / name / f"{self.label}-s{seed}"
+        self.dir = RUNS / name / run_dir_name(self.label, seed)
         self.entry = row.get("entry", spec["entry"])
         self.processes = row.get("processes", spec.get("processes", 1))
         self.overrides = [f"run.seed={seed}", "run.progress=false", *row.get("overrides", [])]
@@ -199,7 +204,8 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
 
 def provenance(spec: dict, name: str, summaries: dict, elapsed_s: float, at_once: int, threads: int,
                sharing: Sharing) -> list[str]:
-    infos = [json.loads((RUNS / name / f"{label}-s{seed}" / "run_info.json").read_text()) for label, seed in summaries]
+    infos = [json.loads((RUNS / name / run_dir_name(label, seed) / "run_info.json").read_text())
+             for label, seed in summaries]
     commits = sorted({i["git_commit"] for i in infos})
     data = sorted({(s.get("train_images"), s.get("eval_images"), s.get("eval_split", "test"))
                    for s in summaries.values()}, key=str)
@@ -209,7 +215,7 @@ def provenance(spec: dict, name: str, summaries: dict, elapsed_s: float, at_once
     loads, others = list(sharing.loads), set(sharing.others)
     layouts = {(at_once, threads)} if threads else set()
     for label, seed in summaries:
-        f = RUNS / name / f"{label}-s{seed}.load.json"
+        f = RUNS / name / f"{run_dir_name(label, seed)}.load.json"
         if f.exists():
             state = json.loads(f.read_text())
             loads += state["load"]

@@ -31,7 +31,7 @@ COLORS = {"SB": "tab:blue", "LB": "tab:orange", "SWAP": "tab:green", "SWAP long 
 
 
 def _run_dir(run_base: Path, label: str, seed: int) -> Path:
-    return run_base / f"{label}-s{seed}"
+    return run_base / f"{label.replace('/', '-')}-s{seed}"  # as experiments/reproduce.run_dir_name
 
 
 def accuracy_vs_time(spec, summaries, run_base, results_dir, seed=None):
