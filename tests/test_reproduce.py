@@ -105,3 +105,33 @@ def test_smoke_table_end_to_end(tmp_path):
         for seed in (0, 1):
             run = json.loads((runs / f"{label}-s{seed}" / "summary.json").read_text())
             assert numbers["rows"][label]["per_seed"][str(seed)] == pytest.approx(100 * run["final"]["output/acc"])
+
+
+@pytest.mark.parametrize("spec_path", sorted((REPO_ROOT / "configs" / "reproduce").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_table_spec_is_well_formed(spec_path):
+    """Before an hour of training: every row's config resolves, every ref names a row, plots import.
+
+    A spec mistake (a misspelt label in a claim, an override the config rejects, a plot function
+    that was renamed) would otherwise surface only when the table renders, after all its runs.
+    """
+    import importlib
+
+    spec = yaml.safe_load(spec_path.read_text())
+    labels = [row["label"] for row in spec["rows"]]
+    assert len(labels) == len(set(labels)), f"duplicate row labels in {spec_path.name}"
+    assert spec["output"].endswith(".md")
+    if not spec_path.stem.startswith("smoke_"):  # smoke tables write under runs/, never results/
+        assert spec["output"].startswith("results/")
+    for row in spec["rows"]:
+        assert (REPO_ROOT / row.get("entry", spec["entry"])).is_file()
+        for seed in row.get("seeds", spec["seeds"]):
+            reproduce.Job(spec, spec_path.stem, row, seed)  # load_config raises ConfigError on a bad value
+    refs = [ref for pair in spec.get("paired", []) for ref in pair[:2]]
+    refs += [ref for claim in spec.get("claims", []) for ref in claim["difference"]]
+    for ref in refs:
+        assert ref.partition("@")[0] in labels, f"{spec_path.name}: {ref!r} names no row (rows: {labels})"
+    for claim in spec.get("claims", []):
+        summary.verdict([1.0], claim["expect"])  # raises on an unknown expectation
+    for entry in spec.get("plots", []):
+        module, function = entry.split(":")
+        assert callable(getattr(importlib.import_module(module), function))
