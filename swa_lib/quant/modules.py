@@ -9,7 +9,8 @@ then pooling: same block max, monotone rounding; stochastic rounding and dropout
 them differ slightly). PreResNet: before and after every conv in the residual blocks
 and after the stem conv; `insert_quantizers(..., outputs=True)` covers the "after".
 The official models leave the image (input of the first conv) in full precision;
-pass `exclude=("name.of.first.conv",)` to do the same.
+pass `exclude=("name.of.first.conv",)` to do the same. `insert_quantizers_at` takes
+the points one by one; swa_lib.quant.placement names the official placements.
 """
 
 import contextlib
