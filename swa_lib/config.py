@@ -72,6 +72,10 @@ class ScheduleConfig:
     # swa_paper (Izmailov et al. / SWALP code): factor 1 until 50% of reference_epochs, linear
     # down to final_lr_fraction by 90%, constant after. reference_epochs = swa_start for SWA runs.
     reference_epochs: float | None = None  # None = epochs
+    # step: the LR is set before every optimizer step from the fractional epoch (step / steps
+    # per epoch); epoch: once per epoch from the integer epoch, as the official SWA and SWALP
+    # train scripts do (`adjust_learning_rate(optimizer, schedule(epoch))` before each epoch).
+    lr_update: str = "step"
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Config:
 DATASETS = ("cifar10", "cifar10_jpg", "cifar100", "tiny_imagenet", "imagenet")
 AUGMENTS = ("cifar", "imagenet", "none")
 SCHEDULES = ("cosine", "linear", "step", "constant", "swa_paper")
+LR_UPDATES = ("step", "epoch")
 BACKENDS = ("auto", "horovod", "torch", "single")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -284,6 +289,7 @@ def validate(cfg: Config) -> None:
     if sorted(s.milestones_epochs) != list(s.milestones_epochs):
         p.append(f"schedule.milestones_epochs: {s.milestones_epochs} must be increasing")
     _positive(p, "schedule.reference_epochs", s.reference_epochs, allow_none=True)
+    _choice(p, "schedule.lr_update", s.lr_update, LR_UPDATES)
     _positive(p, "eval.every_epochs", cfg.eval.every_epochs)
     _positive(p, "eval.every_steps", cfg.eval.every_steps, allow_none=True)
     _positive(p, "eval.batch_size", cfg.eval.batch_size)

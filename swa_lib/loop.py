@@ -27,7 +27,7 @@ from tqdm import tqdm
 from swa_lib.averaging import bn_buffers, update_bn_
 from swa_lib.checkpoint import CheckpointManager, atomic_torch_save, rng_state, set_rng_state
 from swa_lib.comm import allreduce_gradients_
-from swa_lib.schedules import build_lr_fn, peak_lr
+from swa_lib.schedules import build_lr_fn, lr_position, peak_lr
 
 
 class NonFiniteLossError(RuntimeError):
@@ -184,7 +184,7 @@ class Trainer:
             start = time.perf_counter()
             for i, (x, y) in enumerate(loader):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                lr = strategy.lr(epoch + i / n_batches)
+                lr = strategy.lr(lr_position(cfg.schedule, epoch, i, n_batches))
                 for g in c.optimizer.param_groups:
                     g["lr"] = lr
                 with self.autocast:

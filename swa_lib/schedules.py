@@ -55,6 +55,17 @@ def lr_factor(schedule: ScheduleConfig, epoch: float) -> float:
     raise ValueError(f"schedule.kind: unknown schedule {kind!r}")
 
 
+def lr_position(schedule: ScheduleConfig, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    """The (fractional) epoch at which the LR of this step is read, per `schedule.lr_update`.
+
+    "step": epoch + step_in_epoch / steps_per_epoch, a new LR before every step; "epoch": the
+    integer epoch, one LR for the whole epoch (the official SWA / SWALP scripts).
+    """
+    if schedule.lr_update == "epoch":
+        return float(epoch)
+    return epoch + step_in_epoch / steps_per_epoch
+
+
 def build_lr_fn(schedule: ScheduleConfig, peak: float) -> LrFn:
     """LR as a function of fractional epoch."""
     return lambda epoch: peak * lr_factor(schedule, epoch)

@@ -6,19 +6,31 @@ around the optimizer). The average is kept in full precision, taken once per epo
 from `swa_start_epoch` as in classic SWA, and has no quantizers: its BN statistics
 are recomputed and it is evaluated in fp32.
 
-With `average: false` the same strategy is low-precision SGD, the "SGD 8-bit" row of
-the paper's table. With every word length set to null it is classic SWA, bit for bit
-(tests/test_swalp.py checks this).
+As in the official code (stevenygd/SWALP train.py), every evaluated model gets a BN
+update on training data first: the low-precision training model is evaluated as a
+BN-updated copy ("model"), and the paper's "SGD-LP" number is the same run's
+low-precision model at epoch `swa_start_epoch`, BN-updated, kept and evaluated as
+"swa_start_model" (summary key `swa_start_model/acc`), not a separate run. Those extra
+copies draw their rounding noise from generators of their own and their BN update runs
+under a forked RNG, so the run's final weights do not depend on them.
+
+Where activations and errors are quantized is `quant_placement` (swa_lib.quant.placement).
+With `average: false` the strategy is plain low-precision SGD. With every word length set
+to null it is classic SWA, bit for bit (tests/test_swalp.py checks this).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from swa_lib.methods.swa import SWA, SWAConfig
-from swa_lib.quant import BlockFloat, QuantizedSGD, insert_quantizers, remove_quantizers
+from swa_lib.quant import (PLACEMENTS, ActivationErrorQuantizer, BlockFloat, QuantizedSGD,
+                           insert_quantizers_by_placement, remove_quantizers)
+from swa_lib.quant.placement import OFFICIAL_PLACEMENT_MODELS
 
 KINDS = ("weight", "grad", "momentum", "acc", "act", "err")
 
@@ -50,9 +62,24 @@ class SWALPConfig(SWAConfig):
     # faster, compiled on first use; stochastic noise comes from a seeded hash, so the
     # values differ from the default eager quantizer's (the distribution does not).
     fused: bool = False
+    # Where activations (forward) and errors (backward) are quantized, see swa_lib.quant.placement:
+    # layer_inputs (every Conv2d / Linear input; any model) | relu_outputs (after every ReLU; any
+    # model) | official (the official SWALP VGG16 / PreResNet placement; those models only).
+    quant_placement: str = "layer_inputs"
+    # Evaluate the training model as a copy whose BN statistics were recomputed on training data
+    # (the official code BN-updates every model it evaluates). false: evaluate it as it trains.
+    bn_update_model: bool = True
+    # Keep the low-precision model of epoch swa_start_epoch (BN-updated) and evaluate it as
+    # "swa_start_model": the paper's SGD-LP baseline. Needs average: true.
+    record_swa_start_model: bool = True
 
     def validate(self, cfg) -> list[str]:
         p = super().validate(cfg) if self.average else []
+        if self.quant_placement not in PLACEMENTS:
+            p.append(f"method.quant_placement: {self.quant_placement!r} is not one of {', '.join(PLACEMENTS)}")
+        elif self.quant_placement == "official" and cfg.model.name not in OFFICIAL_PLACEMENT_MODELS:
+            p.append(f"method.quant_placement: official is defined for {', '.join(OFFICIAL_PLACEMENT_MODELS)}, "
+                     f"not {cfg.model.name}; use layer_inputs or relu_outputs")
         if self.rounding not in ("stochastic", "nearest"):
             p.append(f"method.rounding: {self.rounding!r} is not one of stochastic, nearest")
         for kind in KINDS:
@@ -74,12 +101,14 @@ class SWALP(SWA):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.output_name = "swa" if cfg.method.average else "model"
+        self.swa_start_model: nn.Module | None = None
 
     def setup(self, ctx) -> None:
         m = self.cfg.method
         # SWALP: the same seed on every rank, so quantized updates of data-parallel replicas agree.
         self.generator = torch.Generator(device=ctx.device).manual_seed(self.cfg.run.seed)
-        insert_quantizers(ctx.model, m.format("act"), m.format("err"), fused=m.fused)
+        insert_quantizers_by_placement(ctx.model, m.quant_placement, m.format("act"), m.format("err"),
+                                       fused=m.fused)
         ctx.optimizer = QuantizedSGD(ctx.optimizer, fmt_weight=m.format("weight"), fmt_grad=m.format("grad"),
                                      fmt_momentum=m.format("momentum"), fmt_acc=m.format("acc"),
                                      generator=self.generator, fused=m.fused)
@@ -91,15 +120,50 @@ class SWALP(SWA):
         return super().phase if self.cfg.method.average else "lp_sgd"
 
     def after_epoch(self, epoch: int, train_metrics: dict) -> None:
-        if self.cfg.method.average:
+        m = self.cfg.method
+        if m.average:
             super().after_epoch(epoch, train_metrics)
+            if m.record_swa_start_model and epoch + 1 == m.swa_start_epoch:
+                self.swa_start_model = self._bn_updated_copy()
 
     def eval_targets(self):
-        return super().eval_targets() if self.cfg.method.average else {}
+        """The average, and, replacing the loop's raw training model under the same name
+        "model", its BN-updated copy; from swa_start on also the kept "swa_start_model"."""
+        targets = super().eval_targets() if self.cfg.method.average else {}
+        if self.cfg.method.bn_update_model:
+            targets["model"] = self._bn_updated_copy()
+        if self.swa_start_model is not None:
+            # The same noise at every evaluation: the recorded result does not drift.
+            self._own_generator(self.swa_start_model, self.cfg.run.seed)
+            targets["swa_start_model"] = self.swa_start_model
+        return targets
+
+    def _own_generator(self, model: nn.Module, seed: int) -> None:
+        """Give the quantizers of a copy their own generator, so that using the copy never
+        draws from the training model's noise stream (the global RNG or self.generator)."""
+        generator = torch.Generator(device=self.ctx.device).manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, ActivationErrorQuantizer):
+                module.generator = generator
+
+    def _bn_updated_copy(self) -> nn.Module:
+        """A copy of the low-precision training model with BN statistics recomputed on
+        training data, made without advancing any RNG the run uses (dropout and rounding
+        noise in the BN update's forward passes draw from forked states)."""
+        model = copy.deepcopy(self.ctx.model)
+        self._own_generator(model, self.cfg.run.seed + self.ctx.step)
+        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self.ctx.update_bn(model)
+        return model
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "generator": self.generator.get_state()}
+        kept = None if self.swa_start_model is None else self.swa_start_model.state_dict()
+        return {**super().state_dict(), "generator": self.generator.get_state(), "swa_start_model": kept}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.generator.set_state(state["generator"])
+        if state.get("swa_start_model") is not None:
+            self.swa_start_model = copy.deepcopy(self.ctx.model)
+            self.swa_start_model.load_state_dict(state["swa_start_model"])

@@ -9,7 +9,8 @@ then pooling: same block max, monotone rounding; stochastic rounding and dropout
 them differ slightly). PreResNet: before and after every conv in the residual blocks
 and after the stem conv; `insert_quantizers(..., outputs=True)` covers the "after".
 The official models leave the image (input of the first conv) in full precision;
-pass `exclude=("name.of.first.conv",)` to do the same.
+pass `exclude=("name.of.first.conv",)` to do the same. `insert_quantizers_at` takes
+the points one by one; swa_lib.quant.placement names the official placements.
 """
 
 import contextlib
@@ -159,28 +160,63 @@ def insert_quantizers(model: nn.Module, fmt_act: Optional[BlockFloat],
         >>> with quantizers_disabled(model):  # e.g. BN recompute in full precision
         ...     model(images)
     """
-    check_format(fmt_act, "fmt_act")
-    check_format(fmt_err, "fmt_err")
     excluded = set(exclude)
     names = {name for name, _ in model.named_modules()}
     unknown = excluded - names
     if unknown:
         raise ValueError(f"insert_quantizers: exclude names {sorted(unknown)} are not "
                          f"modules of the model; expected names from named_modules()")
-    targets = [(name, layer) for name, layer in model.named_modules()
+    targets = [name for name, layer in model.named_modules()
                if isinstance(layer, layer_types) and name not in excluded]
-    for name, layer in targets:
-        if hasattr(layer, _ATTRIBUTE):
-            raise RuntimeError(f"layer {name!r} already has an {_ATTRIBUTE}; "
-                               f"call remove_quantizers(model) first")
-    for _, layer in targets:
-        layer.add_module(_ATTRIBUTE, ActivationErrorQuantizer(fmt_act, fmt_err, generator, fused))
-        layer.register_forward_pre_hook(_quantize_input_hook)
-        if outputs:
-            layer.add_module(_OUTPUT_ATTRIBUTE,
-                             ActivationErrorQuantizer(fmt_act, fmt_err, generator, fused))
-            layer.register_forward_hook(_quantize_output_hook)
+    return insert_quantizers_at(model, fmt_act, fmt_err, inputs=targets,
+                                outputs=targets if outputs else (), generator=generator,
+                                fused=fused)
+
+
+def insert_quantizers_at(model: nn.Module, fmt_act: Optional[BlockFloat],
+                         fmt_err: Optional[BlockFloat], inputs: Iterable[str] = (),
+                         outputs: Iterable[str] = (),
+                         generator: Optional[torch.Generator] = None,
+                         fused: bool = False) -> nn.Module:
+    """Quantize the input of each module named in `inputs` and the output of each one
+    named in `outputs` (activations forward, errors backward), in place; returns the model.
+
+    Names are qualified names from `model.named_modules()`. The same mechanism as
+    `insert_quantizers` (child quantizers plus hooks), for placements that name their
+    points one by one, such as the official SWALP models' (swa_lib.quant.placement).
+    A module called several times per forward (a shared ReLU) is quantized at every call.
+    """
+    check_format(fmt_act, "fmt_act")
+    check_format(fmt_err, "fmt_err")
+    modules = dict(model.named_modules())
+    inputs, outputs = list(inputs), list(outputs)
+    unknown = sorted(set(inputs + outputs) - set(modules))
+    if unknown:
+        raise ValueError(f"insert_quantizers_at: {unknown} are not modules of the model; "
+                         f"expected names from named_modules()")
+    for names, attribute in ((inputs, _ATTRIBUTE), (outputs, _OUTPUT_ATTRIBUTE)):
+        for name in names:
+            if hasattr(modules[name], attribute):
+                raise RuntimeError(f"layer {name!r} already has an {attribute}; "
+                                   f"call remove_quantizers(model) first")
+    for name in inputs:
+        modules[name].add_module(_ATTRIBUTE, ActivationErrorQuantizer(fmt_act, fmt_err, generator, fused))
+        modules[name].register_forward_pre_hook(_quantize_input_hook)
+    for name in outputs:
+        modules[name].add_module(_OUTPUT_ATTRIBUTE,
+                                 ActivationErrorQuantizer(fmt_act, fmt_err, generator, fused))
+        modules[name].register_forward_hook(_quantize_output_hook)
     return model
+
+
+def quantization_points(model: nn.Module) -> list[tuple[str, str]]:
+    """Where `model` quantizes: (module name, "input" or "output") pairs, in module order."""
+    points = []
+    for name, module in model.named_modules():
+        for attribute, where in ((_ATTRIBUTE, "input"), (_OUTPUT_ATTRIBUTE, "output")):
+            if isinstance(getattr(module, attribute, None), ActivationErrorQuantizer):
+                points.append((name, where))
+    return points
 
 
 def remove_quantizers(model: nn.Module) -> nn.Module:
