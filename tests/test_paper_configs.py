@@ -88,6 +88,8 @@ def tiny_imagenet_root(tmp_path_factory):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(archive.extractfile(member).read())
             seen[wnid] = n + 1
+            if len(seen) == 200 and min(seen.values()) == 2:
+                break  # the rest of the archive need not be decompressed
     assert len(seen) == 200 and min(seen.values()) == 2
     return root
 
