@@ -148,7 +148,12 @@ class CheckpointManager:
         if pin and self.comm.rank == 0:
             (gen / "PINNED").touch()
         meta = {} if self.config is None else {"config": self.config}
-        atomic_torch_save({"format_version": FORMAT_VERSION, **meta, **state}, gen / f"rank{self.comm.rank}.pt")
+        path = gen / f"rank{self.comm.rank}.pt"
+        try:
+            atomic_torch_save({"format_version": FORMAT_VERSION, **meta, **state}, path)
+        except (OSError, RuntimeError) as err:  # a full disk (torch raises RuntimeError for a failed write)
+            raise OSError(f"checkpoint {path} could not be written ({err}); {self.directory / 'latest.json'} "
+                          f"still names the previous complete generation") from err
         self.comm.barrier()  # Distributed: the pointer moves only once every rank's file is on disk
         if self.comm.rank == 0:
             atomic_write_text(json.dumps({"tag": tag, "world_size": self.comm.size, **meta}),

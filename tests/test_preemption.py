@@ -32,6 +32,7 @@ METHODS = {
                         "phase2_lr": 0.02}, "schedule": {"epochs": 3}},
     "hwa": {"method": {"name": "hwa", "groups": 2, "sync_period_steps": 4, "window_cycles": 2},
             "schedule": {"epochs": 2}},
+    "sgd": {"method": {"name": "sgd"}, "schedule": {"epochs": 2}},
 }
 # (step, phase at that step, checkpoint tag it must leave): SWAP step 3 = epoch 0 batch 3 of 4;
 # step 13 = phase 2, epoch 2 batch 5 of 16; HWA step 11 = epoch 1 batch 3 of 8, 2 cycles done.
@@ -39,11 +40,12 @@ STOPS = {"swap": [(3, "phase1", "e0000-phase1-b00003"), (13, "phase2", "e0002-ph
          "hwa": [(11, "train", "e0001-train-b00003")]}
 
 
-def _config(tmp_path: Path, method: str) -> Path:
+def write_config(directory: Path, method: str, extra: dict | None = None, name: str | None = None) -> Path:
+    """BASE + METHODS[method] (+ `extra`, section by section) as a YAML file in `directory`."""
     cfg = {k: dict(v) for k, v in BASE.items()}
-    for section, values in METHODS[method].items():
+    for section, values in [*METHODS[method].items(), *(extra or {}).items()]:
         cfg.setdefault(section, {}).update(values)
-    path = tmp_path / f"{method}.yaml"
+    path = directory / f"{name or method}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -65,7 +67,7 @@ def uninterrupted(tmp_path_factory):
     def get(method: str) -> dict:
         if method not in cache:
             tmp = tmp_path_factory.mktemp(f"ref-{method}")
-            result = _run(_config(tmp, method), tmp / "run")
+            result = _run(write_config(tmp, method), tmp / "run")
             assert result.returncode == 0, _show(result)
             cache[method] = _finals(tmp / "run")
         return cache[method]
@@ -78,7 +80,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("method", ["swap", "hwa"])
 def test_sigterm_checkpoints_at_an_agreed_step_and_the_rerun_is_bitwise_uninterrupted(
         tmp_path, uninterrupted, method, who):
-    config, run_dir = _config(tmp_path, method), tmp_path / "run"
+    config, run_dir = write_config(tmp_path, method), tmp_path / "run"
     for step, phase, tag in STOPS[method]:
         result = _run(config, run_dir, "sigterm", who, step)
         shown = _show(result)

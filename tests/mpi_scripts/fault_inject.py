@@ -1,10 +1,11 @@
 """Per-rank program: the experiment command line (swa_lib.cli.main) with one fault injected.
 
 Usage: fault_inject.py FAULT RANKS STEP CLI_ARGS...
-  FAULT   none | sigterm | sigint | sigkill | sigkill_checkpoint | nan
+  FAULT   none | sigterm | sigint | sigkill | sigkill_checkpoint | nan | fill_disk
   RANKS   "all", or comma-separated world ranks that inject the fault (e.g. "1")
   STEP    optimizer step after which the fault fires (sigkill_checkpoint: the first checkpoint
-          write at or after this step)
+          write at or after this step; fill_disk: rank 0 fills the file system of the run
+          directory with one file, run_dir/../filler, as another job on a shared disk would)
 Exits with the code main() returns, so a test sees exactly what a user's shell would.
 
 The faults act on the process itself, at a chosen point, so that a test lands in a known
@@ -21,7 +22,7 @@ import tiny_models  # noqa: F401 - registers the tiny test models
 import swa_lib.checkpoint
 import swa_lib.cli
 
-FAULTS = ("none", "sigterm", "sigint", "sigkill", "sigkill_checkpoint", "nan")
+FAULTS = ("none", "sigterm", "sigint", "sigkill", "sigkill_checkpoint", "nan", "fill_disk")
 
 
 def main() -> int:
@@ -48,6 +49,14 @@ def main() -> int:
             elif fault == "nan":
                 with __import__("torch").no_grad():
                     next(trainer.ctx.model.parameters()).fill_(float("nan"))
+            elif fault == "fill_disk" and rank == 0:
+                with open(run_dir.parent / "filler", "wb") as fh:
+                    try:
+                        while True:
+                            fh.write(b"\0" * 65536)
+                            fh.flush()
+                    except OSError:
+                        pass
 
         trainer.strategy.after_step = after_step_with_fault
         if fault == "sigkill_checkpoint":
