@@ -143,9 +143,10 @@ def same_weights(run_dir: Path, reference: dict) -> bool:
 class Table:
     """Rows in the order the scenarios were listed, whatever order they finish in (they run in parallel)."""
 
-    def __init__(self):
+    def __init__(self, on_change=None):
         self.rows = {}
         self.lock = threading.Lock()
+        self.on_change = on_change or (lambda: None)  # rewrites the file after every row
 
     def add(self, order, fault, where, run: Run, ckpt: tuple[bool, str], resume: str, resumed_ok: bool | None,
             expect_rc=None, message_has=()):
@@ -158,6 +159,7 @@ class Table:
         with self.lock:
             self.rows[order] = [fault, where, f"`{message[:220]}`", str(run.rc), f"{run.seconds:.1f} s", ckpt[1],
                                 resume, "yes" if ok else "**no**"]
+            self.on_change()
         print(f"[{'ok' if ok else 'FAIL'}] {fault}: rc {run.rc}, {run.seconds:.1f} s, {message[:160]}", flush=True)
 
     def markdown(self) -> list[str]:
@@ -413,7 +415,8 @@ def main() -> None:
         sys.exit("benchmarks/faults.py needs root: it mounts a tmpfs (full disk) and runs as another user "
                  "(unreadable data root)")
     started = dt.datetime.now(dt.timezone.utc)
-    table = Table()
+    load: list[str] = []
+    table = Table(on_change=lambda: write(args, started, table, load, final=False))
     with tempfile.TemporaryDirectory(prefix="swa-faults-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)
@@ -433,7 +436,6 @@ def main() -> None:
                  ("checkpoint", checkpoint_fault, (table, work, refs, "truncated")),
                  ("checkpoint", checkpoint_fault, (table, work, refs, "corrupt")),
                  ("data", data_faults, (table, work)), ("config", config_faults, (table, work, refs))]
-        load = []
         # Each run spends most of its time waiting for a core, not computing: a few at once (at the
         # caller's nice level) finish in a fraction of the time without taking more than their share.
         with ThreadPoolExecutor(args.parallel) as pool:
@@ -443,8 +445,15 @@ def main() -> None:
                 futures.append(pool.submit(lambda: load.extend(load_test(work, args.load_steps))))
             for f in futures:
                 f.result()
+    write(args, started, table, load, final=True)
+
+
+def write(args, started, table: Table, load: list[str], final: bool) -> None:
+    """The whole document; until the last row is in, it says it is partial (a killed run leaves what it had)."""
     lines = [
         "# Reliability: faults injected into runs, one at a time",
+        *([] if final else ["", f"**Partial: {len(table.rows)} rows so far; the run that writes this file "
+                                f"had not finished.**"]),
         "",
         f"- Command: `./run.sh python benchmarks/faults.py` ({(dt.datetime.now(dt.timezone.utc) - started).seconds // 60} min)",
         f"- Machine: {machine_description()}; load average at the end: "
@@ -467,7 +476,8 @@ def main() -> None:
         "",
     ]
     text = "\n".join(lines)
-    print(text)
+    if final:
+        print(text)
     if not args.only:
         Path(args.out).write_text(text)
 
