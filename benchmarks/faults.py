@@ -89,8 +89,9 @@ class Run:
         text = self.stderr + self.stdout
         for pattern in patterns:
             m = re.search(pattern, text, re.M)
-            if m:
-                return m.group(0).strip()
+            if m:  # "invalid config:" lists its problems on the lines after it, as "  - ..."
+                more = re.match(r"(?:\n  - .*)*", text[m.end():]).group(0)
+                return (m.group(0) + more.replace("\n  - ", " - ")).strip()
         return f"(no message; last output: {text.strip().splitlines()[-1:] or ''})"
 
 
