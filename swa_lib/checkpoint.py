@@ -3,7 +3,7 @@
 Layout of a run's checkpoint directory:
 
     checkpoints/e0003-swa/rank0.pt, rank1.pt, ...   one file per process
-    checkpoints/latest.json                         {"tag": "e0003-swa", "world_size": 4}
+    checkpoints/latest.json                         {"tag": "e0003-swa", "world_size": 4, "config": {...}}
 
 Every process saves its own file, because processes can hold different models (SWAP
 phase 2, HWA groups) and always hold different RNG states. Each file is written to a
@@ -11,6 +11,11 @@ temporary name, fsynced and renamed. Only after all processes have written (a
 barrier) does rank 0 atomically replace `latest.json`. A kill at any point therefore
 leaves `latest.json` naming a complete generation, and older generations are deleted
 only after the new pointer is in place.
+
+The pointer and every rank's file also hold the run's identity (the resolved config
+without the keys that cannot change a result, `swa_lib.config.run_identity`), so a run
+can refuse to resume a checkpoint written by another config before it touches anything
+(`check_resumable`).
 """
 from __future__ import annotations
 
@@ -76,13 +81,62 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class CheckpointManager:
-    """Saves and finds checkpoint generations of one run; see the module docstring."""
+def read_pointer(directory: str | Path) -> dict | None:
+    """The parsed `latest.json` of a checkpoint directory, or None when there is none (reads only)."""
+    pointer = Path(directory) / "latest.json"
+    if not pointer.exists():
+        return None
+    try:
+        return json.loads(pointer.read_text())
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"checkpoint pointer {pointer} cannot be read ({err}); delete it to start over "
+                           f"or write {{\"tag\": ..., \"world_size\": ...}} naming a complete generation") from None
 
-    def __init__(self, directory: str | Path, comm, keep: int = 2):
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'key: saved -> current' for every flat config key whose value differs (or exists in one only)."""
+    missing = object()
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, missing), current.get(key, missing)
+        if a != b:
+            show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
+            out.append(f"{key}: {show(a)} in the checkpoint, {show(b)} now")
+    return out
+
+
+def check_resumable(directory: str | Path, identity: dict, world_size: int) -> list[str]:
+    """Why the checkpoint in `directory` cannot be resumed by this run ([] if it can, or if there is none).
+
+    Reads only, so a refused run leaves the directory exactly as it was."""
+    info = read_pointer(directory)
+    if info is None:
+        return []
+    where = Path(directory) / info["tag"]
+    problems = []
+    if info["world_size"] != world_size:
+        problems.append(f"checkpoint {where} was written by {info['world_size']} processes, but this run has "
+                        f"{world_size}; launch {info['world_size']} processes to resume it, or use another "
+                        f"run directory")
+    if "config" in info:
+        diff = config_differences(info["config"], identity)
+        if diff:
+            problems.append(f"checkpoint {where} was written by another config; resuming would mix two runs. "
+                            f"Differing keys: " + "; ".join(diff) + ". Use the checkpoint's config to resume, "
+                            f"or another run directory (--run-dir, run.name) for the new config")
+    return problems
+
+
+class CheckpointManager:
+    """Saves and finds checkpoint generations of one run; see the module docstring.
+
+    `config`: the run's identity (flat dict), stored in the pointer and in every file."""
+
+    def __init__(self, directory: str | Path, comm, keep: int = 2, config: dict | None = None):
         self.directory = Path(directory)
         self.comm = comm
         self.keep = keep
+        self.config = config
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def save(self, state: dict, tag: str, pin: bool = False) -> Path:
@@ -93,19 +147,25 @@ class CheckpointManager:
         gen.mkdir(parents=True, exist_ok=True)
         if pin and self.comm.rank == 0:
             (gen / "PINNED").touch()
-        atomic_torch_save({"format_version": FORMAT_VERSION, **state}, gen / f"rank{self.comm.rank}.pt")
+        meta = {} if self.config is None else {"config": self.config}
+        path = gen / f"rank{self.comm.rank}.pt"
+        try:
+            atomic_torch_save({"format_version": FORMAT_VERSION, **meta, **state}, path)
+        except (OSError, RuntimeError) as err:  # a full disk (torch raises RuntimeError for a failed write)
+            raise OSError(f"checkpoint {path} could not be written ({err}); {self.directory / 'latest.json'} "
+                          f"still names the previous complete generation") from err
         self.comm.barrier()  # Distributed: the pointer moves only once every rank's file is on disk
         if self.comm.rank == 0:
-            atomic_write_text(json.dumps({"tag": tag, "world_size": self.comm.size}), self.directory / "latest.json")
+            atomic_write_text(json.dumps({"tag": tag, "world_size": self.comm.size, **meta}),
+                              self.directory / "latest.json")
             self._prune(keep_tag=tag)
         self.comm.barrier()
         return gen
 
     def latest_tag(self) -> str | None:
-        pointer = self.directory / "latest.json"
-        if not pointer.exists():
+        info = read_pointer(self.directory)
+        if info is None:
             return None
-        info = json.loads(pointer.read_text())
         if info["world_size"] != self.comm.size:
             raise RuntimeError(
                 f"checkpoint {self.directory / info['tag']} was written by {info['world_size']} processes, "

@@ -2,8 +2,10 @@
 
     mpirun -np 4 python experiments/baselines.py --config configs/x.yaml optim.lr=0.05 run.seed=1
 
-Exit codes: 0 done; 2 bad config, or one that does not fit the launched world size (nothing
-was trained); 1 any failure during the run
+Exit codes: 0 done; 2 bad config, one that does not fit the launched world size, or a run
+directory whose checkpoint another config or world size wrote (nothing was trained or
+touched); 75 preempted by SIGTERM/SIGINT, checkpointed at a step all ranks agreed on: run
+the same command again (swa_lib.loop.PREEMPTED_EXIT_CODE); 1 any failure during the run
 (a message names it). Under mpirun a failing rank exits at once, without waiting on
 its peers, and mpirun then stops the whole job instead of letting it hang.
 """
@@ -15,20 +17,26 @@ import sys
 import traceback
 from pathlib import Path
 
-from swa_lib.config import ConfigError, load_config
+from swa_lib.checkpoint import check_resumable
+from swa_lib.config import ConfigError, config_hash, load_config, run_identity
+from swa_lib.loop import PREEMPTED_EXIT_CODE, Preempted
 from swa_lib.methods.base import PartialWorldResult
 
 
 def parse_args(argv, description: str):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML config under configs/")
-    parser.add_argument("--run-dir", help="run directory (default: run.out_dir/<config name>-s<seed>)")
+    parser.add_argument("--run-dir", help="run directory (default: run.out_dir/<config name>-s<seed>-<config "
+                                          "hash>, the hash over the resolved config, overrides included)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 run.seed=1")
     return parser.parse_args(argv)
 
 
-def default_run_dir(cfg, config_path: str) -> Path:
-    name = cfg.run.name or f"{Path(config_path).stem}-s{cfg.run.seed}"
+def default_run_dir(cfg, config_path: str | None) -> Path:
+    """run.out_dir/run.name, or <config name>-s<seed>-<hash of the resolved config>: two sweeps
+    that differ only in an override (optim.lr=0.05) get two directories, never one resumed by the other."""
+    stem = Path(config_path).stem if config_path else "run"
+    name = cfg.run.name or f"{stem}-s{cfg.run.seed}-{config_hash(cfg)}"
     return Path(cfg.run.out_dir) / name
 
 
@@ -58,12 +66,14 @@ def main(argv=None, description: str = "Train with weight averaging.", default_m
         comm = init_comm(cfg.dist.backend)
         # Checks that need the world size (e.g. a worker count must divide it): same verdict on every rank.
         problems = getattr(cfg.method, "validate_world", lambda size: [])(comm.size)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, args.config)
+        if cfg.run.resume:  # before anything is written: a refused resume leaves the run directory alone
+            problems += check_resumable(run_dir / "checkpoints", run_identity(cfg), comm.size)
         if problems:
             if comm.rank == 0:
                 print(f"error: {ConfigError(problems)}", file=sys.stderr, flush=True)
             comm.shutdown()
             return 2
-        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, args.config)
         trainer = build_trainer(cfg, comm, run_dir)
         summary = trainer.fit()
         trainer.logger.close()
@@ -77,6 +87,14 @@ def main(argv=None, description: str = "Train with weight averaging.", default_m
                   f"run dir {run_dir} (tensorboard --logdir {run_dir.parent})")
         comm.shutdown()
         return 0
+    except Preempted as stop:
+        # Every rank agreed on the step and wrote its checkpoint, so the shutdown is collective.
+        trainer.logger.close()
+        if comm.rank == 0:
+            print(f"preempted: {stop} (exit {PREEMPTED_EXIT_CODE})", file=sys.stderr, flush=True)
+        if not trainer.strategy.isolated:
+            comm.shutdown()
+        return PREEMPTED_EXIT_CODE
     except PartialWorldResult as result:
         # Peers are dead: a world-wide shutdown would wait on them forever, so leave at once.
         trainer.logger.close()  # only fit() raises this, so the trainer exists

@@ -11,6 +11,8 @@ dataclass (registered in ``swa_lib.methods``) types and validates the other keys
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +314,24 @@ def to_dict(cfg: Config) -> dict:
     out = dataclasses.asdict(cfg)
     out["method"] = {"name": cfg.method.name, **dataclasses.asdict(cfg.method)}
     return out
+
+
+# Keys that say where a run's files are, how it reports or when this invocation stops, but not
+# what it computes: they are left out of a run's identity, so that a chained job
+# (run.stop_after_epochs) or a moved data copy resumes the same run.
+IDENTITY_NEUTRAL = ("run.out_dir", "run.name", "run.resume", "run.stop_after_epochs", "run.progress",
+                    "data.root", "data.cache_dir", "data.num_workers")
+
+
+def run_identity(cfg: Config) -> dict:
+    """The resolved config as flat {dotted key: value}, minus IDENTITY_NEUTRAL: what makes two runs one run."""
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if k not in IDENTITY_NEUTRAL}
+
+
+def config_hash(cfg: Config, length: int = 8) -> str:
+    """A short hash of `run_identity(cfg)` (overrides included), e.g. for default run directory names."""
+    text = json.dumps(run_identity(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -10,11 +10,24 @@ function of the fractional epoch, and the checkpoint holds model, optimizer, str
 (averages, phase) and every RNG state. So the "scheduler state" is just (epoch, step),
 and a run resumed at an epoch boundary on the CPU is bitwise identical to one that
 never stopped (tests/test_loop.py checks this).
+
+Preemption: on SIGTERM (what Slurm sends at a time limit) or SIGINT, a rank only notes the
+signal and finishes its step. After every step the ranks agree with one allreduce of a
+flag, so a signal that reached one rank stops them all at the same step boundary, with no
+rank left waiting in a collective. They write a checkpoint of that step (it also holds the
+position inside the epoch and the epoch's running sums) and `fit` raises `Preempted`; the
+entry point exits with PREEMPTED_EXIT_CODE. Running the same command again resumes at that
+step, skipping the batches already trained, and ends bitwise equal to a run that never
+stopped (tests/test_preemption.py). A second signal of the same kind ends the process at once.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +40,56 @@ from tqdm import tqdm
 from swa_lib.averaging import bn_buffers, update_bn_
 from swa_lib.checkpoint import CheckpointManager, atomic_torch_save, rng_state, set_rng_state
 from swa_lib.comm import allreduce_gradients_
+from swa_lib.config import run_identity
 from swa_lib.schedules import build_lr_fn, lr_position, peak_lr
+
+
+# sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": what a
+# preempted run is. Schedulers and job scripts can requeue on it (e.g. Slurm's --requeue
+# logic in a wrapper) and treat every other non-zero code as a real failure.
+PREEMPTED_EXIT_CODE = 75
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or inf; the last good checkpoint is left as it was."""
+
+
+class Preempted(Exception):
+    """A SIGTERM/SIGINT stopped the run at a step boundary agreed by every rank; the message says where."""
+
+
+class StopSignals:
+    """Notes SIGTERM and SIGINT instead of dying, while active (a context manager, main thread only).
+
+    The first signal is only recorded (`received`), so the current step finishes; a second
+    one of the same kind restores the default action and ends the process at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received == signum:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        # os.write, not print: a handler may interrupt a print of the main thread.
+        os.write(2, f"rank {self.rank}: {signal.Signals(signum).name} received; stopping at the next step "
+                    f"boundary with a checkpoint (send it again to stop at once)\n".encode())
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
 
 @dataclass
@@ -103,7 +161,10 @@ class Trainer:
         self.ctx = TrainContext(cfg, comm, model, optimizer, self.device, lr_fn, workload, logger, run_dir=self.run_dir)
         self.ctx.update_bn = self._update_bn
         strategy.setup(self.ctx)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", comm, cfg.run.keep_checkpoints)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", comm, cfg.run.keep_checkpoints,
+                                             config=run_identity(cfg))
+        self.signals = StopSignals(comm.rank)
+        self._in_epoch: dict | None = None  # where a preempted epoch stopped (set by a resume)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if cfg.run.amp and self.device.type == "cuda" else contextlib.nullcontext())
 
@@ -115,11 +176,16 @@ class Trainer:
                 "strategy": self.strategy.state_dict(), "rng": rng_state(), "history": self.history,
                 "timers": dict(self.timer.totals), "wall_s": self._wall_s()}
 
-    def save_checkpoint(self, pin: bool = False) -> None:
-        """Checkpoint every rank; `pin` keeps the generation out of pruning (phase boundaries)."""
+    def save_checkpoint(self, pin: bool = False, in_epoch: dict | None = None) -> None:
+        """Checkpoint every rank; `pin` keeps the generation out of pruning (phase boundaries).
+
+        `in_epoch` (a preemption): the position inside the unfinished epoch ctx.epoch and its sums."""
         self._check_finite_weights()
+        tag = f"e{self.ctx.epoch:04d}-{self.strategy.phase}"
+        if in_epoch is not None:
+            tag += f"-b{in_epoch['batches_done']:05d}"  # sorts after the epoch's start, before its end
         with self.timer("checkpoint"):
-            self.checkpoints.save(self._state(), f"e{self.ctx.epoch:04d}-{self.strategy.phase}", pin=pin)
+            self.checkpoints.save({**self._state(), "in_epoch": in_epoch}, tag, pin=pin)
 
     def maybe_resume(self) -> bool:
         if not self.cfg.run.resume:
@@ -135,13 +201,20 @@ class Trainer:
         c.epoch, c.step = state["epoch"], state["step"]
         self.history, self.timer.totals, self.wall_offset_s = state["history"], state["timers"], state["wall_s"]
         self.last_train = self.history[-1].get("train") if self.history else None
+        self._in_epoch = state.get("in_epoch")
         return True
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:
+        """Train to the end (or run.stop_after_epochs); raises Preempted after a SIGTERM/SIGINT."""
+        with self.signals:
+            return self._fit()
+
+    def _fit(self) -> dict:
         self._start = time.perf_counter()
         if self.maybe_resume() and self.rank0:
-            print(f"resumed from epoch {self.ctx.epoch} (step {self.ctx.step}, phase {self.strategy.phase})")
+            inside = f", batch {self._in_epoch['batches_done']} of the epoch" if self._in_epoch else ""
+            print(f"resumed from epoch {self.ctx.epoch} (step {self.ctx.step}{inside}, phase {self.strategy.phase})")
         epochs = self.cfg.schedule.epochs
         bar = tqdm(total=epochs, initial=self.ctx.epoch, desc="epochs", unit="ep", dynamic_ncols=True,
                    disable=not (self.rank0 and self.cfg.run.progress), mininterval=1.0)
@@ -179,10 +252,18 @@ class Trainer:
         c.model.train()
         epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
         window = torch.zeros(3, dtype=torch.float64, device=self.device)
+        skip = 0
+        if self._in_epoch is not None:  # resumed after a preemption inside this epoch
+            skip = self._in_epoch["batches_done"]
+            epoch_sums.copy_(self._in_epoch["epoch_sums"])
+            window.copy_(self._in_epoch["window"])
+            self._in_epoch = None
         phase = strategy.phase
         with self.timer("train"), self.timer(f"phase/{phase}"):
             start = time.perf_counter()
-            for i, (x, y) in enumerate(loader):
+            # The batches trained before the preemption are made and dropped: the data order and
+            # augmentation of an epoch come from (seed, epoch) alone, so the rest are the same ones.
+            for i, (x, y) in enumerate(itertools.islice(loader, skip, None), start=skip):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 lr = strategy.lr(lr_position(cfg.schedule, epoch, i, n_batches))
                 for g in c.optimizer.param_groups:
@@ -207,16 +288,40 @@ class Trainer:
                 if cfg.eval.every_steps and c.step % cfg.eval.every_steps == 0:
                     with self.timer("eval_steps"):
                         self.evaluate(mid_epoch=True)
+                if self._stop_agreed():
+                    self._preempt(epoch, i + 1, epoch_sums, window)
             elapsed = time.perf_counter() - start
         eval_group = strategy.eval_group()
         c.comm.allreduce_([epoch_sums], op="sum", group=eval_group)  # Distributed: metrics of the whole group
         loss_sum, correct, count = epoch_sums.tolist()
         metrics = {"loss": loss_sum / count, "acc": correct / count}
-        images = n_batches * shard.batch_size * c.comm.size
+        images = (n_batches - skip) * shard.batch_size * c.comm.size
         self.logger.scalars({"train/epoch_loss": metrics["loss"], "train/epoch_acc": metrics["acc"],
-                             "train/images_per_s": images / elapsed, "time/wall_s": self._wall_s()},
+                             "train/images_per_s": images / max(elapsed, 1e-9), "time/wall_s": self._wall_s()},
                             c.step, epoch=epoch + 1, phase=phase)
         return metrics
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got SIGTERM/SIGINT: one tiny allreduce per step, same answer everywhere.
+
+        While the strategy is isolated (SWAP phase 2 that survives dead workers) nothing may span
+        the world, so each process answers for itself."""
+        flag = torch.tensor([float(self.signals.received is not None)], device=self.device)
+        if self.ctx.comm.size > 1 and not self.strategy.isolated:
+            self.ctx.comm.allreduce_([flag], "max")  # Distributed: did any rank get a signal?
+        return bool(flag.item())
+
+    def _preempt(self, epoch: int, batches_done: int, epoch_sums: torch.Tensor, window: torch.Tensor):
+        """Checkpoint the step every rank just finished, then raise Preempted."""
+        c = self.ctx
+        where = (f"epoch {epoch} batch {batches_done} (step {c.step}, phase {self.strategy.phase})")
+        if self.strategy.isolated:
+            raise Preempted(f"stopped by a signal at {where}; SWAP phase 2 with average_survivors writes no "
+                            f"world-wide checkpoint, so the same command resumes from the start of phase 2")
+        self.save_checkpoint(in_epoch={"batches_done": batches_done, "epoch_sums": epoch_sums.cpu(),
+                                       "window": window.cpu()})
+        raise Preempted(f"stopped by a signal at {where}; checkpoint written to {self.checkpoints.directory}; "
+                        f"run the same command again to resume")
 
     def _log_window(self, window: torch.Tensor, lr: float, epoch: float) -> None:
         loss_sum, correct, count = window.tolist()
