@@ -1,7 +1,7 @@
 """What changes the bits of a CPU training run, measured: threads, kernel instruction sets, data cache, JPEG decoder.
 
 Training: one short real run through the project's loop, repeated under each factor: ResNet-9
-at width 8 on 2,000 images of the CIFAR-10 JPEG copy, batch 32, 3 epochs (186 SGD steps), with
+at width 8 on 2,000 images of the CIFAR-10 JPEG copy, batch 32, 2 epochs (124 SGD steps), with
 the reduced baselines config (configs/baselines/cifar10_resnet9_sgd_reduced.yaml) otherwise.
 Every variant runs in a fresh process, so that what torch reads at start-up takes effect:
 OMP_NUM_THREADS (threads), ATEN_CPU_CAPABILITY (ATen's vectorised kernels: batch norm,
@@ -16,9 +16,9 @@ compared with the cache the runs read; the first --decode-images training JPEGs 
 again by libjpeg-turbo without SIMD (JSIMD_FORCENONE=1) and by torchvision's own libjpeg, and
 compared pixel by pixel with Pillow's decode (the one the cache holds).
 
-    ./run.sh python benchmarks/determinism.py [--epochs 3] [--train 2000] [--out results/determinism_cpu.md]
+    ./run.sh python benchmarks/determinism.py [--epochs 2] [--train 2000] [--jobs 1] [--out results/determinism_cpu.md]
 
-About 4 minutes of one core on an idle 2-core machine (the 2-thread variant uses both).
+About 3 minutes of CPU in all (the 2-thread run uses two cores).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +206,7 @@ def render(args, runs: list[tuple[str, dict, list, dict]], data_rows: list, seco
     cpu = num["cpu"]
     lines += ["", "## Provenance", "",
               f"- command: `./run.sh python benchmarks/determinism.py --epochs {args.epochs} --train {args.train} "
-              f"--decode-images {args.decode_images}` ({seconds / 60:.1f} min, load average at start "
+              f"--decode-images {args.decode_images} --jobs {args.jobs}` ({seconds / 60:.1f} min, load average at start "
               f"{args.load_at_start:.2f} on {os.cpu_count()} cores: shared with other jobs, which "
               "changes timings only)",
               f"- machine: {machine_description()}",
@@ -220,11 +221,12 @@ def render(args, runs: list[tuple[str, dict, list, dict]], data_rows: list, seco
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--train", type=int, default=2000, help="training images (class-balanced subset)")
     parser.add_argument("--decode-images", type=int, default=5000, help="JPEGs decoded by each other decoder")
     parser.add_argument("--variants", default=None,
                         help="comma-separated indices into the list of runs (0 is the reference; default all)")
+    parser.add_argument("--jobs", type=int, default=1, help="training runs at a time (each on its own threads)")
     parser.add_argument("--out", default=str(ROOT / "results" / "determinism_cpu.md"))
     parser.add_argument("--worker", choices=("train", "decode"), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -240,15 +242,18 @@ def main() -> int:
     args.load_at_start, args.commit = os.getloadavg()[0], git_commit()  # the code that runs, not what follows
     chosen = [0, *sorted({int(i) for i in args.variants.split(",")} - {0})] if args.variants else range(len(VARIANTS))
     start = time.perf_counter()
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         workdir = Path(tmp)
+        # The runs go in their own processes, `--jobs` at a time; the data checks run here meanwhile.
+        futures = [pool.submit(run_variant, VARIANTS[i][1], train_overrides(args) + VARIANTS[i][2], workdir, i)
+                   for i in chosen]
         data_rows = data_checks(workdir, args.decode_images)
         for row in data_rows:
             print(" | ".join(row), flush=True)
-        for i in chosen:
+        runs = []
+        for i, future in zip(chosen, futures):
             name, env, overrides = VARIANTS[i]
-            res = run_variant(env, train_overrides(args) + overrides, workdir, i)
+            res = future.result()
             runs.append((name, env, overrides, res))
             equal, _, largest = compare_states(runs[0][3]["state"], res["state"])
             print(f"{name}: bitwise equal {equal}, largest difference {largest:.3g}, acc {100 * res['acc']:.2f} "
