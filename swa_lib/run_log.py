@@ -1,7 +1,8 @@
 """What a run records: where it came from, and every scalar it produced.
 
 Rank 0 writes, into the run directory:
-  run_info.json   resolved config, command line, git commit, library versions, world size
+  run_info.json   resolved config, command line, git commit, library versions, world size,
+                  and what the run's bits depend on (CPU and its kernels, threads, torch build)
   config.yaml     the resolved config, loadable again with --config
   metrics.jsonl   every logged scalar, one JSON object per line (easy to aggregate)
   tb/             the same scalars and the run's hparams for TensorBoard
@@ -50,6 +51,50 @@ def library_versions() -> dict:
     return out
 
 
+# Environment variables that change which CPU kernels run, and so the bits of a result.
+KERNEL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+              "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "JSIMD_FORCENONE")
+
+
+def cpu_identity() -> dict:
+    """Vendor, family/model/stepping and vector instruction sets of this CPU, from /proc/cpuinfo.
+
+    A VM may show only "AMD EPYC" as the model name for CPUs of different generations, with
+    and without AVX-512; family/model/stepping and the flags tell them apart."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model", "model name", "stepping", "flags") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break  # the first processor describes them all
+    except OSError:
+        pass
+    flags = fields.get("flags", "").split()
+    return {"vendor": fields.get("vendor_id"), "model_name": fields.get("model name", platform.processor() or None),
+            "family_model_stepping": "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping")),
+            "vector_isa": sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))}
+
+
+def numerics_record() -> dict:
+    """What the bits of a CPU run depend on (results/determinism_cpu.md measures each): the CPU
+    and the kernels torch picked for it, the thread count, the torch build, the JPEG decoder that
+    built the data cache, and any environment variable that overrides a kernel choice."""
+    import torch
+    from PIL import features
+
+    return {"cpu": cpu_identity(),
+            "torch_threads": torch.get_num_threads(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen's vector kernels
+            "torch_build": f"{torch.__version__} (git {torch.version.git_version[:12]})",
+            "onednn_mkl": [line.strip().lstrip("- ") for line in torch.__config__.show().splitlines()
+                           if "Math Kernel Library" in line or "MKL-DNN" in line],
+            "jpeg_decoder": f"Pillow {features.version('pil')}, libjpeg-turbo {features.version('libjpeg_turbo')}",
+            "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}}
+
+
 def machine_description() -> str:
     cpu = "unknown CPU"
     try:
@@ -89,6 +134,7 @@ class RunLogger:
             "world_size": comm.size,
             "backend": comm.backend,
             "machine": machine_description(),
+            "numerics": numerics_record(),  # what bitwise reproducibility depends on (README)
             "started": dt.datetime.now().isoformat(timespec="seconds"),
         }
         atomic_write_text(json.dumps(info, indent=2, default=str), self.run_dir / "run_info.json")

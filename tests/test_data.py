@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from data_helpers import first_batches
 from data.cifar10_jpg import CLASSES as CIFAR10_CLASSES
 from data.dataset import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, class_balanced_order
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("SWA_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data")
 TINY_TAR = DATA_ROOT / "tiny-imagenet" / "tiny-imagenet-200-trainval.tar.xz"
 
@@ -69,6 +73,31 @@ def test_cifar10_jpg_matches_lossless_originals(cifar_train, cifar_test):
         assert psnr.mean() > 25
         # A misplaced image scores below 19 dB against its neighbour here; the worst true pair is 23 dB.
         assert psnr.min() > 20
+
+
+# sha256 over the decoded CIFAR-10 JPEG copy (all training images, then all test images, N x 3 x 32 x 32
+# uint8) as built by Pillow 13.0 / libjpeg-turbo 3.2 on the machine of results/determinism_cpu.md, where
+# a rebuild from the archive gave these bits again.
+CIFAR10_JPG_SHA256 = "8d904ee397c9bf203abe7ab767f8b45045162fd29f9703c0faf06b49b08699a0"
+
+
+def test_cifar10_jpg_decodes_to_the_same_bits_as_the_reference_build(cifar_train, cifar_test):
+    # README, "What is reproducible": the decoded cache is the same on every machine, so runs read the
+    # same pixels. A different JPEG decoder that rounds differently would fail here first.
+    digest = hashlib.sha256(cifar_train.images.numpy().tobytes())
+    digest.update(cifar_test.images.numpy().tobytes())
+    assert digest.hexdigest() == CIFAR10_JPG_SHA256, (
+        "the decoded CIFAR-10 JPEG copy differs from the reference build (another Pillow/libjpeg?); "
+        "the committed tables cannot be reproduced bitwise from it (results/determinism_cpu.md)")
+
+
+def test_jpeg_decoding_without_simd_gives_the_cached_bits(cifar_train, tmp_path):
+    # libjpeg-turbo picks SIMD code by CPU; a CPU without AVX2 (here: no SIMD at all) must decode the same.
+    out = tmp_path / "nosimd.npy"
+    env = dict(os.environ, JSIMD_FORCENONE="1", PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "determinism.py"), "--worker", "decode",
+                    "--result", str(out), "--count", "500"], env=env, check=True, timeout=300)
+    assert np.array_equal(np.load(out), cifar_train.images[:500].numpy())
 
 
 def test_cifar10_mean_std_constants_match_the_data(cifar_train):

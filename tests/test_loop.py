@@ -1,6 +1,7 @@
 """The training loop on real CIFAR-10 (a small subset): resume, SWA, NaN guard, exported weights."""
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,30 @@ def test_nan_loss_stops_with_a_diagnostic_and_keeps_the_last_checkpoint(tmp_path
     assert json.loads((ckpt_dir / "latest.json").read_text()) == pointer
     assert _sha(saved) == before
     torch.load(saved, weights_only=False)  # still readable
+
+
+def test_two_processes_with_the_same_threads_train_bitwise_equal_weights(tmp_path):
+    # README, "What is reproducible": same CPU, thread count and torch build give the same bits,
+    # and run_info.json records what that depends on (results/determinism_cpu.md measured each).
+    from swa_lib.run_log import KERNEL_ENV
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, str(ROOT / "experiments" / "baselines.py"), "--config",
+           str(ROOT / "configs" / "baselines" / "cifar10_resnet9_sgd_smoke.yaml"), *TINY, "schedule.epochs=1"]
+    for name in ("a", "b"):
+        done = subprocess.run(cmd + ["--run-dir", str(tmp_path / name)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+    a, b = (torch.load(tmp_path / n / "final_train_model.pt", weights_only=True) for n in ("a", "b"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs between two identical runs"
+    numerics = [json.loads((tmp_path / n / "run_info.json").read_text())["numerics"] for n in ("a", "b")]
+    assert numerics[0] == numerics[1]
+    assert numerics[0]["torch_threads"] == 1 and numerics[0]["kernel_env"] == {"OMP_NUM_THREADS": "1"}
+    assert numerics[0]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert numerics[0]["torch_build"].startswith(torch.__version__)
+    assert numerics[0]["cpu"]["family_model_stepping"].count("/") == 2 and numerics[0]["cpu"]["vendor"]
 
 
 def test_git_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monkeypatch):
