@@ -90,6 +90,28 @@ def test_exported_weights_load_into_a_plain_model_and_give_the_reported_accuracy
     assert (tmp_path / "export" / "tb").is_dir()
 
 
+def test_precision_bf16_trains_under_autocast_and_evaluates_averages_in_fp32(tmp_path):
+    out_dtypes = {}
+
+    def watch(trainer):
+        for name, model in (("model", trainer.ctx.model), ("swa", trainer.strategy.average.module)):
+            out_dtypes[name] = set()
+            model.register_forward_hook(lambda m, i, o, name=name: out_dtypes[name].add(o.dtype))
+        return trainer.fit()
+
+    summary = watch(make(tmp_path, "bf16", "run.precision=bf16"))
+    # Training steps and the training model's evaluation ran under bf16 autocast; the average's
+    # BN recompute and evaluation did not.
+    assert out_dtypes == {"model": {torch.bfloat16}, "swa": {torch.float32}}
+    assert summary["precision"] == {"training": "bf16", "averaged_models": "fp32"}
+    info = json.loads((tmp_path / "bf16" / "run_info.json").read_text())
+    assert info["precision"] == summary["precision"] and info["config"]["run"]["precision"] == "bf16"
+
+    summary = watch(make(tmp_path, "default"))
+    assert out_dtypes == {"model": {torch.float32}, "swa": {torch.float32}}
+    assert summary["precision"] == {"training": "fp32", "averaged_models": "fp32"}
+
+
 def test_update_bn_on_one_process_matches_a_hand_computed_cumulative_average():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))

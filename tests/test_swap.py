@@ -1,6 +1,7 @@
 """SWAP: phases, averaging, BN recompute, resume and worker death under real mpirun; bad input."""
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,22 @@ def test_phase_1_stops_at_the_first_epoch_whose_training_accuracy_reaches_the_th
     # Phase 1 is SGD with the same seed and batch up to its end, so it sees the same accuracies.
     assert swap.strategy.phase1_end["epoch"] == 2 and swap.strategy.phase1_end["rule"] == "stop_accuracy"
     assert swap.strategy.phase1_end["train_acc"] == pytest.approx(accs[1])
+
+
+def test_phase_3_average_and_bn_recompute_count_as_training_time(tmp_path):
+    trainer = build_trainer(load_config(None, TINY, default_method="swap"), init_comm("single"), tmp_path)
+    recompute = trainer.strategy.recompute_bn
+
+    def slow_recompute(model):  # phase 3 made measurably long
+        time.sleep(1.0)
+        recompute(model)
+
+    trainer.strategy.recompute_bn = slow_recompute
+    final = trainer.fit()["final"]
+    phases = [final[f"time/phase/phase{k}"] for k in (1, 2, 3)]
+    assert phases[2] >= 1.0, phases
+    # "train" wraps every phase, phase 3 included (nested timers: it can only be a little longer).
+    assert sum(phases) <= final["time/train"] <= sum(phases) + 0.5, (final["time/train"], phases)
 
 
 @pytest.mark.parametrize("override, field", [

@@ -197,6 +197,12 @@ class SWAP(Strategy):
                   f"phase 2: {self.cfg.method.workers} workers x {self.cfg.method.phase2_epochs} epochs", flush=True)
 
     def _average(self) -> None:
+        # Phase 3 is training work: it counts in "train" (what the tables call training time) and has
+        # its own column, like the other phases.
+        with self.ctx.timer("train"), self.ctx.timer("phase/phase3"):
+            self._average_and_recompute_bn()
+
+    def _average_and_recompute_bn(self) -> None:
         ctx, comm = self.ctx, self.ctx.comm
         if self.isolated:
             # This worker's result on disk first, so that the others can average without it.
