@@ -27,8 +27,8 @@ from tqdm import tqdm
 from swa_lib.averaging import bn_buffers, update_bn_
 from swa_lib.checkpoint import CheckpointManager, atomic_torch_save, rng_state, set_rng_state
 from swa_lib.comm import allreduce_gradients_
-from swa_lib.config import precision_record
-from swa_lib.schedules import build_lr_fn, peak_lr
+from swa_lib.config import ConfigError, precision_record
+from swa_lib.schedules import base_lr_fn
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,14 +101,32 @@ class Trainer:
         o = cfg.optim
         optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
                                     nesterov=o.nesterov, weight_decay=o.weight_decay)
-        lr_fn = build_lr_fn(cfg.schedule, peak_lr(o, o.batch_size * comm.size))
+        lr_fn = base_lr_fn(cfg, comm.size)
         self.ctx = TrainContext(cfg, comm, model, optimizer, self.device, lr_fn, workload, logger, run_dir=self.run_dir)
         self.ctx.update_bn, self.ctx.timer = self._update_bn, self.timer
         strategy.setup(self.ctx)
+        self._check_eval_steps()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", comm, cfg.run.keep_checkpoints)
         # run.precision applies to the training model; averaged models are evaluated in fp32.
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if cfg.run.precision == "bf16" else contextlib.nullcontext())
+
+    def _check_eval_steps(self) -> None:
+        """eval.every_steps above one epoch must be a whole number of the loader's real epochs.
+
+        The training loader drops the last partial batch (CIFAR-10 at batch 128: 390 steps, not 391),
+        so a cadence computed by hand can miss; it then drifts off the epoch boundaries it was meant
+        to hit. Shorter cadences are a step grid (time to target) and may cut epochs anywhere."""
+        every = self.cfg.eval.every_steps
+        if not every:
+            return
+        steps = len(self.workload.train_loader(self.strategy.data_shard(0)))
+        if every > steps and every % steps:
+            k = max(round(every / steps), 1)
+            raise ConfigError([f"eval.every_steps: {every} is more than one epoch but not a whole number of epochs: "
+                               f"an epoch here is {steps} steps (the loader drops the last partial batch), so "
+                               f"evaluations would drift off epoch boundaries; use {k * steps} ({k} epochs) or "
+                               f"eval.every_epochs"])
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:

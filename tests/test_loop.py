@@ -12,7 +12,7 @@ import models
 from swa_lib.averaging import update_bn_
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
-from swa_lib.config import load_config
+from swa_lib.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +110,24 @@ def test_precision_bf16_trains_under_autocast_and_evaluates_averages_in_fp32(tmp
     summary = watch(make(tmp_path, "default"))
     assert out_dtypes == {"model": {torch.float32}, "swa": {torch.float32}}
     assert summary["precision"] == {"training": "fp32", "averaged_models": "fp32"}
+
+
+def test_eval_every_steps_above_an_epoch_must_be_whole_epochs_of_the_real_loader(tmp_path):
+    # 330 images at batch 32: 10 full batches; the partial 11th is dropped (a hand count of 11 is wrong).
+    base = ["data.train_subset=330", "schedule.epochs=1", "run.checkpoint_every_epochs=0"]
+    with pytest.raises(ConfigError) as err:
+        make(tmp_path, "drift", *base, "eval.every_steps=22")
+    text = str(err.value)
+    assert "eval.every_steps: 22" in text and "an epoch here is 10 steps" in text and "use 20 (2 epochs)" in text
+    for fine in (20, 30, 4, 7):  # whole epochs, or a grid inside one epoch
+        assert make(tmp_path, f"ok{fine}", *base, f"eval.every_steps={fine}").cfg.eval.every_steps == fine
+
+
+@pytest.mark.parametrize("name", ["sgd", "lawa", "ema"])
+def test_averaging_paper_configs_evaluate_on_whole_epochs_of_full_cifar10(name):
+    cfg = load_config(ROOT / "configs" / "averaging" / f"cifar10_resnet18_{name}_paper.yaml")
+    steps_per_epoch = 50_000 // cfg.optim.batch_size  # 390: the last partial batch is dropped
+    assert cfg.eval.every_steps == cfg.eval.every_epochs * steps_per_epoch
 
 
 def test_update_bn_on_one_process_matches_a_hand_computed_cumulative_average():

@@ -138,6 +138,19 @@ def test_average_survivors_averages_the_workers_that_finished(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_average_survivors_leaves_out_a_worker_whose_loss_turned_nan(tmp_path):
+    result = run_mpi(4, SCRIPT, ["survivors-nan", tmp_path], timeout_s=200, check=False,
+                     mpirun_args=("--mca", "orte_abort_on_non_zero_status", "0"))
+    assert "NonFiniteLossError" in result.stderr and "[rank 2] FAILED" in result.stderr, result.stderr[-3000:]
+    assert (tmp_path / "survivors.json").exists(), f"no survivors.json\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    report = json.loads((tmp_path / "survivors.json").read_text())
+    assert report["averaged_workers"] == [0, 1, 3] and report["lost_workers"] == [2], report
+    assert not (tmp_path / "phase2" / "worker2.pt").exists()
+    average = torch.load(tmp_path / "final_model.pt")
+    assert all(torch.isfinite(v).all() for v in average.values() if v.is_floating_point())
+
+
+@pytest.mark.timeout(300)
 def test_average_survivors_with_every_worker_alive_is_ordinary_swap(tmp_path):
     result = run_mpi(4, SCRIPT, ["survivors-all", tmp_path], timeout_s=200)
     assert_ranks_said(result, 4, "SWAP_RESUME_OK")
