@@ -2,6 +2,9 @@
 
     mpirun -np 4 python experiments/baselines.py --config configs/x.yaml optim.lr=0.05 run.seed=1
 
+    python experiments/swalp_cifar.py --config configs/swalp/cifar10_vgg16_swalp_paper.yaml --dry-run
+
+--dry-run prints what the config will do (swa_lib/dry_run.py) without loading data or training.
 Exit codes: 0 done; 2 bad config, one that does not fit the launched world size, or a run
 directory whose checkpoint another config or world size wrote (nothing was trained or
 touched); 75 preempted by SIGTERM/SIGINT, checkpointed at a step all ranks agreed on: run
@@ -28,6 +31,12 @@ def parse_args(argv, description: str):
     parser.add_argument("--config", required=True, help="YAML config under configs/")
     parser.add_argument("--run-dir", help="run directory (default: run.out_dir/<config name>-s<seed>-<config "
                                           "hash>, the hash over the resolved config, overrides included)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config, world layout, precision and the LR of every epoch; "
+                             "load no data, train nothing, exit 0")
+    parser.add_argument("--world-size", type=int, metavar="N",
+                        help="--dry-run: plan for N processes (default: the launcher's, else the smallest "
+                             "the method accepts)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 run.seed=1")
     return parser.parse_args(argv)
 
@@ -59,6 +68,14 @@ def main(argv=None, description: str = "Train with weight averaging.", default_m
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.world_size is not None and (not args.dry_run or args.world_size < 1):
+        print(f"error: --world-size {args.world_size}: only with --dry-run, and >= 1 (a real run takes "
+              f"its size from the launcher)", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from swa_lib.dry_run import dry_run
+
+        return dry_run(cfg, args.world_size)
     comm = None
     try:
         from swa_lib.comm import init_comm

@@ -40,8 +40,8 @@ from tqdm import tqdm
 from swa_lib.averaging import bn_buffers, update_bn_
 from swa_lib.checkpoint import CheckpointManager, atomic_torch_save, rng_state, set_rng_state
 from swa_lib.comm import allreduce_gradients_
-from swa_lib.config import run_identity
-from swa_lib.schedules import build_lr_fn, lr_position, peak_lr
+from swa_lib.config import ConfigError, precision_record, run_identity
+from swa_lib.schedules import base_lr_fn, lr_position
 
 
 # sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": what a
@@ -106,6 +106,7 @@ class TrainContext:
     logger: object
     update_bn: Callable[[nn.Module], None] = None
     run_dir: Path | None = None  # where the run's files go (methods may save per-worker results here)
+    timer: object = None  # the loop's PhaseTimer: methods time work they do outside train steps (SWAP phase 3)
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
 
@@ -157,16 +158,35 @@ class Trainer:
         o = cfg.optim
         optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
                                     nesterov=o.nesterov, weight_decay=o.weight_decay)
-        lr_fn = build_lr_fn(cfg.schedule, peak_lr(o, o.batch_size * comm.size))
+        lr_fn = base_lr_fn(cfg, comm.size)
         self.ctx = TrainContext(cfg, comm, model, optimizer, self.device, lr_fn, workload, logger, run_dir=self.run_dir)
-        self.ctx.update_bn = self._update_bn
+        self.ctx.update_bn, self.ctx.timer = self._update_bn, self.timer
         strategy.setup(self.ctx)
+        self._check_eval_steps()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", comm, cfg.run.keep_checkpoints,
                                              config=run_identity(cfg))
         self.signals = StopSignals(comm.rank)
         self._in_epoch: dict | None = None  # where a preempted epoch stopped (set by a resume)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if cfg.run.amp and self.device.type == "cuda" else contextlib.nullcontext())
+        # run.precision applies to the training model; averaged models are evaluated in fp32.
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if cfg.run.precision == "bf16" else contextlib.nullcontext())
+
+    def _check_eval_steps(self) -> None:
+        """eval.every_steps above one epoch must be a whole number of the loader's real epochs.
+
+        The training loader drops the last partial batch (CIFAR-10 at batch 128: 390 steps, not 391),
+        so a cadence computed by hand can miss; it then drifts off the epoch boundaries it was meant
+        to hit. Shorter cadences are a step grid (time to target) and may cut epochs anywhere."""
+        every = self.cfg.eval.every_steps
+        if not every:
+            return
+        steps = len(self.workload.train_loader(self.strategy.data_shard(0)))
+        if every > steps and every % steps:
+            k = max(round(every / steps), 1)
+            raise ConfigError([f"eval.every_steps: {every} is more than one epoch but not a whole number of epochs: "
+                               f"an epoch here is {steps} steps (the loader drops the last partial batch), so "
+                               f"evaluations would drift off epoch boundaries; use {k * steps} ({k} epochs) or "
+                               f"eval.every_epochs"])
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
@@ -349,13 +369,14 @@ class Trainer:
                        max_batches=self.cfg.eval.bn_update_batches, device=self.device)
 
     @torch.no_grad()
-    def _evaluate_one(self, model: nn.Module, group) -> dict:
+    def _evaluate_one(self, model: nn.Module, group, autocast=contextlib.nullcontext()) -> dict:
+        """Test loss and accuracy of `model` over `group`; fp32 unless `autocast` says otherwise."""
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for x, y in self.workload.test_loader(group.rank, group.size):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast:
+            with autocast:
                 out = model(x)
             loss = nn.functional.cross_entropy(out.float(), y, reduction="sum")
             sums += torch.stack([loss.double(), (out.argmax(1) == y).sum().double(),
@@ -376,7 +397,10 @@ class Trainer:
                 self.comm.allreduce_(bn_buffers(self.ctx.model), "mean", train_group)
             targets = {"model": self.ctx.model, **self.strategy.eval_targets()}
             self._last_targets = targets
-            results = {name: self._evaluate_one(m, group) for name, m in targets.items()}
+            # The training model in the run's precision; every average in fp32.
+            fp32 = contextlib.nullcontext()
+            results = {name: self._evaluate_one(m, group, self.autocast if name == "model" else fp32)
+                       for name, m in targets.items()}
         values, groups = {}, None
         if group.size < self.comm.size and not self.strategy.isolated:
             # Distributed: each group holds its own model; rank 0 logs every worker's result.
@@ -419,6 +443,7 @@ class Trainer:
         summary = {"output_name": out, "epochs": self.ctx.epoch, "steps": self.ctx.step, "final": final,
                    "eval_split": self.workload.eval_split, "eval_images": self.workload.num_eval,
                    "train_images": self.workload.num_train, "world_size": self.comm.size,
+                   "precision": precision_record(self.cfg),
                    "history": self.history}
         if self.rank0:
             # Plain state dicts (no wrapper prefixes) that load into models.build_model(...).

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from swa_lib.checkpoint import atomic_write_text
-from swa_lib.config import Config, flatten, to_dict
+from swa_lib.config import Config, flatten, precision_record, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,6 +133,7 @@ class RunLogger:
             "versions": library_versions(),
             "world_size": comm.size,
             "backend": comm.backend,
+            "precision": precision_record(cfg),
             "machine": machine_description(),
             "numerics": numerics_record(),  # what bitwise reproducibility depends on (README)
             "started": dt.datetime.now().isoformat(timespec="seconds"),

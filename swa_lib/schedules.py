@@ -69,3 +69,10 @@ def lr_position(schedule: ScheduleConfig, epoch: int, step_in_epoch: int, steps_
 def build_lr_fn(schedule: ScheduleConfig, peak: float) -> LrFn:
     """LR as a function of fractional epoch."""
     return lambda epoch: peak * lr_factor(schedule, epoch)
+
+
+def base_lr_fn(cfg, processes: int) -> LrFn:
+    """The config's own schedule for `processes` data-parallel processes (batch optim.batch_size each).
+
+    What the loop gives every strategy (ctx.lr_fn), and what --dry-run prints from: one source."""
+    return build_lr_fn(cfg.schedule, peak_lr(cfg.optim, cfg.optim.batch_size * processes))

@@ -111,3 +111,18 @@ def test_every_reproduce_spec_names_valid_runs():
         referred += averaging.get("lr_decay_rows", [])
         referred += [ref.partition("@")[0] for claim in spec.get("claims", []) for ref in claim["difference"]]
         assert set(referred) <= set(labels), f"{path.name}: {set(referred) - set(labels)} are not rows"
+
+
+@pytest.mark.parametrize("amp, precision", [(True, "bf16"), (False, "fp32")])
+def test_run_amp_is_rejected_with_a_pointer_to_run_precision(tmp_path, amp, precision):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, {"run": {"amp": amp}}))
+    text = str(err.value)
+    assert "run.amp: replaced by run.precision" in text and f"write run.precision: {precision}" in text, text
+    assert "unknown key" not in text  # one clear problem, not two
+
+
+def test_precision_defaults_to_fp32_and_names_bad_values():
+    assert load_config(None).run.precision == "fp32"
+    with pytest.raises(ConfigError, match=r"run.precision: 'fp16' is not one of fp32, bf16"):
+        load_config(None, ["run.precision=fp16"])

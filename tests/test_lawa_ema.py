@@ -162,5 +162,13 @@ def test_time_to_target_is_the_first_evaluation_at_or_above_the_target():
 @pytest.mark.timeout(300)
 def test_data_parallel_ranks_hold_identical_averages(tmp_path):
     script = Path(__file__).parent / "mpi_scripts" / "lawa_ema_oracles.py"
-    result = run_mpi(2, script, [tmp_path], timeout_s=280)
+    result = run_mpi(2, script, ["oracle", tmp_path], timeout_s=280)
     assert_ranks_said(result, 2, "LAWA_EMA_OK")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("np", [2, 4])
+def test_with_bn_average_every_rank_holds_the_same_average_and_saves_it(tmp_path, np):
+    script = Path(__file__).parent / "mpi_scripts" / "lawa_ema_oracles.py"
+    result = run_mpi(np, script, ["bn", tmp_path], timeout_s=280)
+    assert_ranks_said(result, np, "LAWA_EMA_BN_OK")

@@ -13,7 +13,7 @@ import models
 from swa_lib.averaging import update_bn_
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
-from swa_lib.config import load_config
+from swa_lib.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +89,46 @@ def test_exported_weights_load_into_a_plain_model_and_give_the_reported_accuracy
     info = json.loads((tmp_path / "export" / "run_info.json").read_text())
     assert info["config"]["method"]["name"] == "swa" and info["world_size"] == 1 and info["git_commit"]
     assert (tmp_path / "export" / "tb").is_dir()
+
+
+def test_precision_bf16_trains_under_autocast_and_evaluates_averages_in_fp32(tmp_path):
+    out_dtypes = {}
+
+    def watch(trainer):
+        for name, model in (("model", trainer.ctx.model), ("swa", trainer.strategy.average.module)):
+            out_dtypes[name] = set()
+            model.register_forward_hook(lambda m, i, o, name=name: out_dtypes[name].add(o.dtype))
+        return trainer.fit()
+
+    summary = watch(make(tmp_path, "bf16", "run.precision=bf16"))
+    # Training steps and the training model's evaluation ran under bf16 autocast; the average's
+    # BN recompute and evaluation did not.
+    assert out_dtypes == {"model": {torch.bfloat16}, "swa": {torch.float32}}
+    assert summary["precision"] == {"training": "bf16", "averaged_models": "fp32"}
+    info = json.loads((tmp_path / "bf16" / "run_info.json").read_text())
+    assert info["precision"] == summary["precision"] and info["config"]["run"]["precision"] == "bf16"
+
+    summary = watch(make(tmp_path, "default"))
+    assert out_dtypes == {"model": {torch.float32}, "swa": {torch.float32}}
+    assert summary["precision"] == {"training": "fp32", "averaged_models": "fp32"}
+
+
+def test_eval_every_steps_above_an_epoch_must_be_whole_epochs_of_the_real_loader(tmp_path):
+    # 330 images at batch 32: 10 full batches; the partial 11th is dropped (a hand count of 11 is wrong).
+    base = ["data.train_subset=330", "schedule.epochs=1", "run.checkpoint_every_epochs=0"]
+    with pytest.raises(ConfigError) as err:
+        make(tmp_path, "drift", *base, "eval.every_steps=22")
+    text = str(err.value)
+    assert "eval.every_steps: 22" in text and "an epoch here is 10 steps" in text and "use 20 (2 epochs)" in text
+    for fine in (20, 30, 4, 7):  # whole epochs, or a grid inside one epoch
+        assert make(tmp_path, f"ok{fine}", *base, f"eval.every_steps={fine}").cfg.eval.every_steps == fine
+
+
+@pytest.mark.parametrize("name", ["sgd", "lawa", "ema"])
+def test_averaging_paper_configs_evaluate_on_whole_epochs_of_full_cifar10(name):
+    cfg = load_config(ROOT / "configs" / "averaging" / f"cifar10_resnet18_{name}_paper.yaml")
+    steps_per_epoch = 50_000 // cfg.optim.batch_size  # 390: the last partial batch is dropped
+    assert cfg.eval.every_steps == cfg.eval.every_epochs * steps_per_epoch
 
 
 def test_update_bn_on_one_process_matches_a_hand_computed_cumulative_average():

@@ -1,6 +1,7 @@
 """SWAP: phases, averaging, BN recompute, resume and worker death under real mpirun; bad input."""
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,22 @@ def test_phase_1_stops_at_the_first_epoch_whose_training_accuracy_reaches_the_th
     assert swap.strategy.phase1_end["train_acc"] == pytest.approx(accs[1])
 
 
+def test_phase_3_average_and_bn_recompute_count_as_training_time(tmp_path):
+    trainer = build_trainer(load_config(None, TINY, default_method="swap"), init_comm("single"), tmp_path)
+    recompute = trainer.strategy.recompute_bn
+
+    def slow_recompute(model):  # phase 3 made measurably long
+        time.sleep(1.0)
+        recompute(model)
+
+    trainer.strategy.recompute_bn = slow_recompute
+    final = trainer.fit()["final"]
+    phases = [final[f"time/phase/phase{k}"] for k in (1, 2, 3)]
+    assert phases[2] >= 1.0, phases
+    # "train" wraps every phase, phase 3 included (nested timers: it can only be a little longer).
+    assert sum(phases) <= final["time/train"] <= sum(phases) + 0.5, (final["time/train"], phases)
+
+
 @pytest.mark.parametrize("override, field", [
     ("method.stop_accuracy=0", "method.stop_accuracy"), ("method.stop_accuracy=101", "method.stop_accuracy"),
     ("method.phase2_epochs=3", "method.phase2_epochs"), ("method.on_worker_failure=retry", "method.on_worker_failure"),
@@ -118,6 +135,19 @@ def test_average_survivors_averages_the_workers_that_finished(tmp_path):
             expected = torch.stack([w[name] for w in workers]).mean(0)
             assert torch.allclose(value, expected, atol=1e-6), name
     assert not (tmp_path / "phase2" / "worker2.pt").exists()
+
+
+@pytest.mark.timeout(300)
+def test_average_survivors_leaves_out_a_worker_whose_loss_turned_nan(tmp_path):
+    result = run_mpi(4, SCRIPT, ["survivors-nan", tmp_path], timeout_s=200, check=False,
+                     mpirun_args=("--mca", "orte_abort_on_non_zero_status", "0"))
+    assert "NonFiniteLossError" in result.stderr and "[rank 2] FAILED" in result.stderr, result.stderr[-3000:]
+    assert (tmp_path / "survivors.json").exists(), f"no survivors.json\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    report = json.loads((tmp_path / "survivors.json").read_text())
+    assert report["averaged_workers"] == [0, 1, 3] and report["lost_workers"] == [2], report
+    assert not (tmp_path / "phase2" / "worker2.pt").exists()
+    average = torch.load(tmp_path / "final_model.pt")
+    assert all(torch.isfinite(v).all() for v in average.values() if v.is_floating_point())
 
 
 @pytest.mark.timeout(300)

@@ -13,10 +13,14 @@ these hooks, in the spirit of AlgoPerf's `update_params` / `prepare_for_eval`:
   output_name             which evaluated model is the method's result
   finished()              stop the run before the epoch budget (rarely needed)
   state_dict()/load_state_dict()   everything needed to resume exactly
+
+and, for --dry-run (no data, model or processes): plan(world_size) prepares `lr`;
+planned_phase(epoch) and layout(world_size) describe the run in words.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import ClassVar
 
 from torch import nn
@@ -79,6 +83,23 @@ class Strategy:
 
     def lr(self, epoch: float) -> float:
         return self.ctx.lr_fn(epoch)
+
+    # ------------------------------------------------------------------ --dry-run
+    def plan(self, world_size: int) -> None:
+        """Make `lr` answer without data, model or processes (--dry-run), built by the same
+        functions as in `setup`, so the printed schedule is the one the loop will run."""
+        from swa_lib.schedules import base_lr_fn  # late: schedules imports config, which imports methods
+
+        self.ctx = SimpleNamespace(lr_fn=base_lr_fn(self.cfg, world_size))
+
+    def planned_phase(self, epoch: int) -> str:
+        """The phase 0-based `epoch` trains in, as planned (a phase ended by a metric ends at its cap)."""
+        return self.phase
+
+    def layout(self, world_size: int) -> list[str]:
+        """How `world_size` processes are organised, one line each (for --dry-run)."""
+        return [f"one model, data-parallel over all {world_size} processes: global batch "
+                f"{world_size} x {self.cfg.optim.batch_size} = {world_size * self.cfg.optim.batch_size}"]
 
     def after_step(self, step: int) -> None:
         pass

@@ -33,7 +33,7 @@ import torch
 from swa_lib.averaging import bn_buffers
 from swa_lib.config import ConfigError
 from swa_lib.methods.base import DataShard, Strategy
-from swa_lib.schedules import build_lr_fn, peak_lr
+from swa_lib.schedules import base_lr_fn
 
 MOMENTUM_MODES = ("average", "keep", "reset")
 
@@ -57,6 +57,12 @@ class HWAConfig:
     # with window_cycles 1 (online-only averaging) would output, since the window never feeds
     # back into training. Costs one more BN recompute and evaluation per evaluation.
     eval_online: bool = False
+
+    def validate_world(self, world_size: int) -> list[str]:
+        if world_size % self.groups:
+            return [f"method.groups: {self.groups} must divide the world size {world_size} "
+                    f"(each of the K groups gets world_size / K processes)"]
+        return []
 
     def validate(self, cfg) -> list[str]:
         p = []
@@ -107,13 +113,11 @@ class HWA(Strategy):
     def setup(self, ctx) -> None:
         super().setup(ctx)
         m, comm = self.cfg.method, ctx.comm
-        if comm.size % m.groups:
-            raise ConfigError([f"method.groups: {m.groups} must divide the world size {comm.size} "
-                               f"(each of the K groups gets world_size / K processes)"])
+        problems = m.validate_world(comm.size)  # the entry point checked already; direct users too
+        if problems:
+            raise ConfigError(problems)
         self.group = comm.split(m.groups)  # Distributed: every rank creates all K groups, in order
-        # The LR follows the batch of one model (the group's), not the world's.
-        o = self.cfg.optim
-        self.lr_fn = build_lr_fn(self.cfg.schedule, peak_lr(o, o.batch_size * self.group.size))
+        self.lr_fn = self._group_lr_fn(self.group.size)
         self.window: deque[torch.Tensor] = deque(maxlen=m.window_cycles)
         self.cycles = 0  # online averages taken so far (= step // H)
         self.average = copy.deepcopy(ctx.model)  # holds the window mean when it is evaluated
@@ -137,6 +141,23 @@ class HWA(Strategy):
             warnings.warn(f"HWA: {where} leave the last {total_steps % m.sync_period_steps} steps out of "
                           f"the output (they end no cycle); pick a period that divides {total_steps}",
                           stacklevel=2)
+
+    def _group_lr_fn(self, group_size: int):
+        # The LR follows the batch of one model (the group's), not the world's.
+        return base_lr_fn(self.cfg, group_size)
+
+    def plan(self, world_size: int) -> None:
+        self.lr_fn = self._group_lr_fn(world_size // self.cfg.method.groups)
+
+    def layout(self, world_size: int) -> list[str]:
+        m, b = self.cfg.method, self.cfg.optim.batch_size
+        g = world_size // m.groups
+        groups = ", ".join(f"{k}: ranks {k * g}-{(k + 1) * g - 1}" if g > 1 else f"{k}: rank {k}"
+                           for k in range(m.groups))
+        sync = "never" if m.sync_period_steps is None else f"every {m.sync_period_steps} steps"
+        return [f"{m.groups} groups of {g} process(es), one model each, batch {g} x {b} = {g * b}; groups {groups}",
+                f"online average of the {m.groups} models {sync}; output: mean of the last "
+                f"{m.window_cycles} online averages"]
 
     def data_shard(self, epoch: int) -> DataShard:
         # HWA: shard over the group only; each group reads the whole set in its own order.

@@ -133,8 +133,12 @@ def build_average(entry, model):
 class WeightAverages(Strategy):
     """Synchronous SGD whose weights are also averaged (LAWA/EMA) and evaluated on the side.
 
-    Distributed: under data parallelism every process holds the same training model, so
-    every process keeps the same averages without any communication.
+    Distributed: under data parallelism every process holds the same parameters, so their
+    averages agree without communication. BN running statistics are the exception: each
+    process keeps those of its own batches. With `bn: average`, before every step that takes
+    a snapshot the float buffers are replaced by their mean over the gradient group (one small
+    allreduce, what the loop does before every evaluation anyway), so every process holds
+    bitwise the same averages and the saved model is the one every process evaluated.
     """
 
     def setup(self, ctx) -> None:
@@ -157,6 +161,11 @@ class WeightAverages(Strategy):
         return self.primary if self.primary == "model" or self.averages[self.primary].ready else "model"
 
     def after_step(self, step: int) -> None:
+        group = self.gradient_group()
+        if not self.recompute_bn and group.size > 1 and any(step % a.every_steps == 0 for a in self.averages.values()):
+            # Distributed: one set of BN statistics for the snapshot, the same on every process.
+            buffers = [b for b in self.ctx.model.buffers() if b.is_floating_point()]
+            self.ctx.comm.allreduce_(buffers, "mean", group)
         for average in self.averages.values():
             average.update(self.ctx.model, step)  # reads the training model, never writes it
 

@@ -80,6 +80,9 @@ class SWA(Strategy):
             return (1 - t) * self.ctx.lr_fn(start) + t * m.swa_lr
         return m.swa_lr
 
+    def planned_phase(self, epoch: int) -> str:
+        return "swa" if epoch >= self.cfg.method.swa_start_epoch else "sgd"  # the LR takeover, too
+
     def after_epoch(self, epoch: int, train_metrics: dict) -> None:
         m = self.cfg.method
         completed = epoch + 1

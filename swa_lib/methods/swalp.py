@@ -119,6 +119,9 @@ class SWALP(SWA):
     def phase(self) -> str:
         return super().phase if self.cfg.method.average else "lp_sgd"
 
+    def planned_phase(self, epoch: int) -> str:
+        return super().planned_phase(epoch) if self.cfg.method.average else "lp_sgd"
+
     def after_epoch(self, epoch: int, train_metrics: dict) -> None:
         m = self.cfg.method
         if m.average:

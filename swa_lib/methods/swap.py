@@ -141,18 +141,42 @@ class SWAP(Strategy):
         m, comm = self.cfg.method, ctx.comm
         # Every rank creates every group now, in the same order (Horovod and torch require it).
         self.group = comm.split(m.workers)
-        self.phase1_cap = self.cfg.schedule.epochs - m.phase2_epochs
+        self._build_lr_fns(comm.size)
         global_batch = self.cfg.optim.batch_size * comm.size
-        self.phase1_lr = build_lr_fn(dataclasses.replace(self.cfg.schedule, epochs=self.phase1_cap),
-                                     peak_lr(self.cfg.optim, global_batch))
-        self.phase2_lr = build_lr_fn(ScheduleConfig(epochs=m.phase2_epochs, kind=m.phase2_schedule,
-                                                    warmup_epochs=m.phase2_warmup_epochs,
-                                                    final_lr_fraction=m.phase2_final_lr_fraction), m.phase2_lr)
         worker_batch = m.phase2_batch_size * self.group.size
         if worker_batch >= global_batch and comm.rank == 0:
             print(f"warning: SWAP phase-2 worker batch {worker_batch} (phase2_batch_size {m.phase2_batch_size} x "
                   f"{self.group.size} processes) is not smaller than the phase-1 global batch {global_batch}; "
                   f"SWAP's phase 2 is meant to refine with small batches, so this defeats the method", flush=True)
+
+    def _build_lr_fns(self, world_size: int) -> None:
+        m = self.cfg.method
+        self.phase1_cap = self.cfg.schedule.epochs - m.phase2_epochs
+        self.phase1_lr = build_lr_fn(dataclasses.replace(self.cfg.schedule, epochs=self.phase1_cap),
+                                     peak_lr(self.cfg.optim, self.cfg.optim.batch_size * world_size))
+        self.phase2_lr = build_lr_fn(ScheduleConfig(epochs=m.phase2_epochs, kind=m.phase2_schedule,
+                                                    warmup_epochs=m.phase2_warmup_epochs,
+                                                    final_lr_fraction=m.phase2_final_lr_fraction), m.phase2_lr)
+
+    # ------------------------------------------------------------------ --dry-run
+    def plan(self, world_size: int) -> None:
+        self._build_lr_fns(world_size)
+        self.phase2_start = self.phase1_cap  # planned as if stop_accuracy is never reached
+
+    def planned_phase(self, epoch: int) -> str:
+        return "phase1" if epoch < self.phase1_cap else "phase2"
+
+    def layout(self, world_size: int) -> list[str]:
+        m, b = self.cfg.method, self.cfg.optim.batch_size
+        g = world_size // m.workers
+        end = f"at {m.stop_accuracy} % training accuracy or" if m.stop_accuracy is not None else "at"
+        workers = ", ".join(f"{k}: ranks {k * g}-{(k + 1) * g - 1}" if g > 1 else f"{k}: rank {k}"
+                            for k in range(m.workers))
+        return [f"phase 1: one model, data-parallel over all {world_size} processes, global batch "
+                f"{world_size} x {b} = {world_size * b}; ends {end} its cap of epoch {self.phase1_cap}",
+                f"phase 2: {m.workers} workers of {g} process(es), batch {g} x {m.phase2_batch_size} = "
+                f"{g * m.phase2_batch_size} each, for {m.phase2_epochs} epochs; workers {workers}",
+                f"phase 3: average of the {m.workers} workers, BN recomputed over all {world_size} processes"]
 
     # ------------------------------------------------------------------ what the loop asks
     def data_shard(self, epoch: int) -> DataShard:
@@ -170,7 +194,7 @@ class SWAP(Strategy):
         return self.ctx.comm.world if self._phase == "phase1" else self.group
 
     def lr(self, epoch: float) -> float:
-        if self._phase == "phase1":
+        if self.phase2_start is None or epoch < self.phase2_start:  # phase 1 (phase2_start: set when it ends)
             return self.phase1_lr(epoch)
         return self.phase2_lr(epoch - self.phase2_start)
 
@@ -197,6 +221,12 @@ class SWAP(Strategy):
                   f"phase 2: {self.cfg.method.workers} workers x {self.cfg.method.phase2_epochs} epochs", flush=True)
 
     def _average(self) -> None:
+        # Phase 3 is training work: it counts in "train" (what the tables call training time) and has
+        # its own column, like the other phases.
+        with self.ctx.timer("train"), self.ctx.timer("phase/phase3"):
+            self._average_and_recompute_bn()
+
+    def _average_and_recompute_bn(self) -> None:
         ctx, comm = self.ctx, self.ctx.comm
         if self.isolated:
             # This worker's result on disk first, so that the others can average without it.

@@ -6,8 +6,8 @@ Usage: swap_oracles.py MODE RUN_DIR
           resumed, which must end bitwise equal to the uninterrupted K=2 run.
   kill    (4 ranks, K=4) rank 2 SIGKILLs itself inside phase 2; the job must end non-zero.
   resume  (4 ranks, K=4) the same command again: resumes from the last checkpoint and finishes.
-  survivors-kill / survivors-all  (4 ranks, K=4, on_worker_failure=average_survivors) with and
-          without rank 2 dying in phase 2.
+  survivors-kill / survivors-nan / survivors-all  (4 ranks, K=4, on_worker_failure=average_survivors)
+          with rank 2 killed in phase 2, with rank 2's loss turning NaN in phase 2, and without either.
 """
 import json
 import os
@@ -107,7 +107,7 @@ def phases(run_dir: Path) -> None:
     comm.shutdown()
 
 
-def killed_or_resumed(run_dir: Path, kill: bool, *extra: str) -> None:
+def killed_or_resumed(run_dir: Path, kill: bool, *extra: str, nan: bool = False) -> None:
     comm = init_comm("horovod")
     trainer = build_trainer(load_config(None, overrides(4, "null", *extra), default_method="swap"), comm, run_dir)
     if kill and comm.rank == 2:
@@ -119,6 +119,14 @@ def killed_or_resumed(run_dir: Path, kill: bool, *extra: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)  # a worker lost in the middle of phase 2
 
         trainer.strategy.after_step = die_in_phase2
+    if nan and comm.rank == 2:
+        loss_fn = trainer.workload.loss_fn
+
+        def nan_in_phase2(out, y):  # a worker whose training diverges in phase 2
+            loss = loss_fn(out, y)
+            return loss * float("nan") if trainer.strategy.phase == "phase2" else loss
+
+        trainer.workload.loss_fn = nan_in_phase2
     try:
         summary = trainer.fit()
     except PartialWorldResult as result:  # as swa_lib.cli does: a survivor leaves without world shutdown
@@ -138,7 +146,7 @@ def main() -> None:
     if mode == "phases":
         phases(run_dir)
     elif mode.startswith("survivors"):  # survivors-kill | survivors-all
-        killed_or_resumed(run_dir, mode.endswith("kill"), *survive)
+        killed_or_resumed(run_dir, mode.endswith("kill"), *survive, nan=mode.endswith("nan"))
     else:
         killed_or_resumed(run_dir, kill=mode == "kill")
 
