@@ -271,7 +271,8 @@ class TorchDistributed(Communicator):
             rank, size, local_rank, local_size = 0, 1, 0, 1
             store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=self.timeout)
         elif launch.launcher == "srun":  # srun without an MPI plugin: no MPI to carry the address
-            rank, size, local_rank, local_size = launch.rank, launch.size, launch.local_rank or 0, launch.local_size or 1
+            rank, size = launch.rank, launch.size
+            local_rank, local_size = launch.local_rank or 0, launch.local_size or 1
             if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
                 raise RuntimeError("backend 'torch' under srun needs MASTER_ADDR and MASTER_PORT (the first "
                                    "node's name and a free port; see examples/slurm/), or srun --mpi=pmix")

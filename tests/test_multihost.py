@@ -57,7 +57,8 @@ def two_hosts(tmp_path):
             made.append(host)
         steps = [("ip", "link", "add", veths[0], "type", "veth", "peer", "name", veths[1])]
         for host, veth, address in zip(hosts, veths, addresses):
-            steps += [("ip", "link", "set", veth, "netns", host), ("ip", "-n", host, "addr", "add", f"{address}/24", "dev", veth),
+            steps += [("ip", "link", "set", veth, "netns", host),
+                      ("ip", "-n", host, "addr", "add", f"{address}/24", "dev", veth),
                       ("ip", "-n", host, "link", "set", veth, "up"), ("ip", "-n", host, "link", "set", "lo", "up")]
         for step in steps:
             done = _sh(*step)
