@@ -36,19 +36,19 @@ def _said_all(result, np: int, backend: str, launcher: str) -> None:
         assert f"size={np} backend={backend} launcher={launcher}" in line, result.stdout
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 @pytest.mark.parametrize("controller, launcher", [("--mpi", "mpirun"), ("--gloo", "horovodrun")])
 def test_horovodrun_gives_ranks_0_and_1_of_2(controller, launcher):
     """horovodrun starts ranks through mpirun (--mpi) or itself (--gloo, HOROVOD_RANK/SIZE)."""
     result = run_job([BIN / "horovodrun", controller, "-np", 2, "-H", "localhost:2", PYTHON, PROBE, "horovod", 2],
-                     timeout_s=280, env=ONE_THREAD, cwd=PROBE.parent)
+                     timeout_s=450, env=ONE_THREAD, cwd=PROBE.parent)
     _said_all(result, 2, "horovod", launcher)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_torchrun_two_processes_use_the_torch_backend():
     result = run_job([BIN / "torchrun", "--standalone", "--nproc_per_node", 2, PROBE, "torch", 2],
-                     timeout_s=280, env=ONE_THREAD, cwd=PROBE.parent)
+                     timeout_s=450, env=ONE_THREAD, cwd=PROBE.parent)
     _said_all(result, 2, "torch", "torchrun")
 
 
@@ -139,18 +139,18 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscr
                 proc.kill()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_srun_with_pmix_runs_horovod_over_mpi(slurm):
-    result = run_job(["srun", "--mpi=pmix", "-n", 2, PYTHON, PROBE, "horovod", 2], timeout_s=280,
+    result = run_job(["srun", "--mpi=pmix", "-n", 2, PYTHON, PROBE, "horovod", 2], timeout_s=450,
                      env={**slurm, **ONE_THREAD}, cwd=PROBE.parent)
     _said_all(result, 2, "horovod", "pmix")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_srun_without_mpi_runs_torch_at_master_addr(slurm):
     env = {**slurm, **ONE_THREAD, "SWA_COMM_BACKEND": "torch", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port())}
-    result = run_job(["srun", "-n", 2, PYTHON, PROBE, "torch", 2], timeout_s=280, env=env, cwd=PROBE.parent)
+    result = run_job(["srun", "-n", 2, PYTHON, PROBE, "torch", 2], timeout_s=450, env=env, cwd=PROBE.parent)
     _said_all(result, 2, "torch", "srun")
 
 
@@ -159,7 +159,7 @@ def test_sbatch_chain_of_jobs_ends_with_the_uninterrupted_weights(slurm, tmp_pat
     """examples/slurm/swap_chain.sbatch: a job of 2 epochs, then one of 1 == one srun of all 3."""
     whole = tmp_path / "whole"
     run_job(["srun", "--mpi=pmix", "-n", 2, PYTHON, REPO_ROOT / "experiments/swap_cifar.py", "--config",
-             SWAP_CONFIG, "--run-dir", whole, *SWAP_TINY], timeout_s=280, env={**slurm, **ONE_THREAD})
+             SWAP_CONFIG, "--run-dir", whole, *SWAP_TINY], timeout_s=450, env={**slurm, **ONE_THREAD})
     chain = tmp_path / "chain"
     env = {**slurm, **ONE_THREAD, "CONFIG": str(SWAP_CONFIG), "RUN_DIR": str(chain), "EPOCHS_PER_JOB": "2",
            "SWA_REPO": str(REPO_ROOT), "SBATCH_OUTPUT": str(tmp_path / "job-%j.out")}
