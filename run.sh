@@ -10,6 +10,7 @@
 #                                    mpirun with the flags this machine needs; anything a cluster
 #                                    user adds (--hostfile, -H, -x VAR, --map-by) is passed through
 #   ./run.sh python experiments/...  one process, with the project's environment
+#   ./run.sh tensorboard [logdir]    TensorBoard over every run under logdir (default runs/)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")" && pwd)"
 cd "$ROOT"
@@ -38,6 +39,11 @@ case "$cmd" in
   python)
     tools/setup.sh >/dev/null
     exec python "$@" ;;
-  help|-h|--help) sed -n '2,15p' "$0" ;;
-  *) echo "run.sh: unknown command '$cmd'" >&2; sed -n '2,15p' "$0" >&2; exit 2 ;;
+  tensorboard)
+    tools/setup.sh >/dev/null
+    logdir=${1:-runs}; shift || true
+    [ -d "$logdir" ] || { echo "run.sh: no run directory '$logdir' (train something first)" >&2; exit 2; }
+    exec tensorboard --logdir "$logdir" "$@" ;;
+  help|-h|--help) sed -n '2,/^set /{/^#/p}' "$0" ;;
+  *) echo "run.sh: unknown command '$cmd'" >&2; sed -n '2,/^set /{/^#/p}' "$0" >&2; exit 2 ;;
 esac

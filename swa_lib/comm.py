@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ class Group:
 @dataclass(frozen=True)
 class LaunchInfo:
     """What the launcher's environment says about this process (None where it says nothing)."""
-    launcher: str | None  # "torchrun", "mpirun", "pmi", "pmix", "srun" or None
+    launcher: str | None  # "torchrun", "horovodrun" (--gloo), "mpirun", "pmi", "pmix", "srun" or None
     rank: int | None = None
     size: int | None = None
     local_rank: int | None = None
@@ -48,17 +49,20 @@ class LaunchInfo:
 
 
 def detect_launch(env=None) -> LaunchInfo:
-    """Read rank and size from torchrun, Open MPI, PMI (MPICH, Intel MPI), PMIx or Slurm srun variables."""
+    """Read rank and size from torchrun, horovodrun --gloo, Open MPI, PMI (MPICH, Intel MPI), PMIx or
+    Slurm srun variables. horovodrun with MPI (its default) starts the ranks through mpirun."""
     env = os.environ if env is None else env
     num = lambda key: int(env[key]) if key and env.get(key, "").strip().isdigit() else None  # noqa: E731
     if "TORCHELASTIC_RUN_ID" in env or {"RANK", "WORLD_SIZE", "LOCAL_RANK"} <= env.keys():
         return LaunchInfo("torchrun", *map(num, ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")))
-    table = [("mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+    table = [("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE"),
+             ("mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
               "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
              ("pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-             ("pmix", "PMIX_RANK", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", None),
-             # SLURM_STEP_NUM_TASKS is set by srun, not in a batch script's own shell.
-             ("srun", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", None)]
+             ("pmix", "PMIX_RANK", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
+             # SLURM_STEP_NUM_TASKS is set by srun, not in a batch script's own shell. Tasks per
+             # node is a plain number only when every node runs as many ("2(x3)" reads as None).
+             ("srun", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE")]
     for launcher, rank_key, size_key, local_rank_key, local_size_key in table:
         if rank_key in env:
             rank = num("SLURM_PROCID" if launcher == "srun" else rank_key)
@@ -185,10 +189,11 @@ class SingleProcess(Communicator):
 
 
 class Horovod(Communicator):
-    """Horovod over MPI. Groups are dynamic process sets, with an mpi4py sub-communicator beside them."""
+    """Horovod over MPI, or over Gloo under `horovodrun --gloo` (then `mpi` is None). Groups are
+    dynamic process sets, with an mpi4py sub-communicator beside them under MPI."""
     backend = "horovod"
 
-    def __init__(self, hvd, mpi):
+    def __init__(self, hvd, mpi=None):
         # A peer stuck longer than the timeout makes Horovod shut down with an error everywhere.
         os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(int(min(60, TIMEOUT_S / 2))))
         os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(TIMEOUT_S)))
@@ -198,15 +203,17 @@ class Horovod(Communicator):
         self.hvd, self.mpi = hvd, mpi
         self._ops = {"mean": hvd.Average, "sum": hvd.Sum, "max": hvd.Max}
         super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
-                         hvd.global_process_set, mpi.COMM_WORLD)
+                         hvd.global_process_set, None if mpi is None else mpi.COMM_WORLD)
         if torch.cuda.is_available():
             torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
 
     def _new_group_handles(self, blocks, mine):
-        subcomm = self.mpi.COMM_WORLD.Split(color=mine, key=self.rank)  # Distributed: MPI's view of my group
-        members = tuple(subcomm.allgather(self.rank))
-        if members != blocks[mine]:
-            raise RuntimeError(f"MPI split gave ranks {members}, expected {blocks[mine]}")
+        subcomm = None
+        if self.mpi is not None:
+            subcomm = self.mpi.COMM_WORLD.Split(color=mine, key=self.rank)  # Distributed: MPI's view of my group
+            members = tuple(subcomm.allgather(self.rank))
+            if members != blocks[mine]:
+                raise RuntimeError(f"MPI split gave ranks {members}, expected {blocks[mine]}")
         # Distributed: every rank adds every set, in the same order (Horovod blocks until all have).
         # Sets must be given as rank lists: Horovod cannot add a set from an MPI comm after init.
         sets = [self.hvd.add_process_set(list(b)) for b in blocks]
@@ -232,7 +239,15 @@ class Horovod(Communicator):
         self.hvd.barrier(process_set=group.handle)
 
     def _allgather_object(self, obj, group):  # Horovod's own takes no process set; MPI's does
-        return group.mpi_comm.allgather(obj)
+        if group.mpi_comm is not None:
+            return group.mpi_comm.allgather(obj)
+        # Gloo: pickled bytes through Horovod's tensor allgather, which takes a process set and
+        # rows of a different count per rank.
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        name = f"swa.allgather_object.g{group.ranks[0]}-{group.ranks[-1]}"
+        sizes = self.hvd.allgather(torch.tensor([data.numel()]), name=name + ".sizes", process_set=group.handle)
+        gathered = self.hvd.allgather(data, name=name + ".bytes", process_set=group.handle)
+        return [pickle.loads(chunk.numpy().tobytes()) for chunk in gathered.split(sizes.tolist())]
 
     def _shutdown(self):
         self.hvd.barrier()  # a peer still reading process-set info fails once a rank shut down
@@ -255,6 +270,14 @@ class TorchDistributed(Communicator):
         elif launch.launcher is None:
             rank, size, local_rank, local_size = 0, 1, 0, 1
             store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=self.timeout)
+        elif launch.launcher == "srun":  # srun without an MPI plugin: no MPI to carry the address
+            rank, size = launch.rank, launch.size
+            local_rank, local_size = launch.local_rank or 0, launch.local_size or 1
+            if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+                raise RuntimeError("backend 'torch' under srun needs MASTER_ADDR and MASTER_PORT (the first "
+                                   "node's name and a free port; see examples/slurm/), or srun --mpi=pmix")
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, rank == 0,
+                                  timeout=self.timeout)
         else:
             rank, size, local_rank, local_size, store = self._mpi_rendezvous()
         if pg_backend == "nccl":
@@ -345,15 +368,18 @@ def init_comm(backend: str = "auto") -> Communicator:
     """
     launch = detect_launch()
     name = _resolve_backend(backend, launch)
-    if launch.launcher not in (None, "torchrun"):
+    if launch.launcher not in (None, "torchrun", "horovodrun"):
         # A rank waiting in MPI spins on a core unless told to yield; with the cores already
         # given to compute threads (below) it steals them from peers. On 2 shared cores a 1 MB
         # mpi4py allreduce took 15 ms spinning, 0.4 ms yielding (median). Read at MPI_Init.
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     if name == "horovod":
+        gloo = launch.launcher == "horovodrun"  # horovodrun --gloo: no MPI job to join
         try:
             import horovod.torch as hvd
-            from mpi4py import MPI  # before hvd.init, so MPI starts with mpi4py's MPI_THREAD_MULTIPLE
+            MPI = None
+            if not gloo:
+                from mpi4py import MPI  # before hvd.init, so MPI starts with mpi4py's MPI_THREAD_MULTIPLE
         except ImportError as err:
             raise RuntimeError(f"backend 'horovod' needs horovod (with PyTorch and MPI) and mpi4py, "
                                f"but the import failed ({err}). Build Horovod with "
@@ -364,8 +390,10 @@ def init_comm(backend: str = "auto") -> Communicator:
     else:
         comm = SingleProcess()
     if name != "single" and launch.size and comm.size != launch.size:  # e.g. Horovod built without MPI
+        hint = ("start MPI programs with srun --mpi=pmix (srun --mpi=list shows the choices)"
+                if launch.launcher == "srun" else "see tools/build_horovod.sh")
         raise RuntimeError(f"backend {name!r} sees {comm.size} processes but the launcher "
-                           f"({launch.launcher}) started {launch.size}; see tools/build_horovod.sh")
+                           f"({launch.launcher}) started {launch.size}; {hint}")
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, (cores or 1) // comm.local_size))  # ranks share this host's cores

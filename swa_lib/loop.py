@@ -316,9 +316,14 @@ class Trainer:
         loss_sum, correct, count = epoch_sums.tolist()
         metrics = {"loss": loss_sum / count, "acc": correct / count}
         images = (n_batches - skip) * shard.batch_size * c.comm.size
-        self.logger.scalars({"train/epoch_loss": metrics["loss"], "train/epoch_acc": metrics["acc"],
-                             "train/images_per_s": images / max(elapsed, 1e-9), "time/wall_s": self._wall_s()},
-                            c.step, epoch=epoch + 1, phase=phase)
+        values = {"train/epoch_loss": metrics["loss"], "train/epoch_acc": metrics["acc"],
+                  "train/images_per_s": images / max(elapsed, 1e-9), "time/wall_s": self._wall_s()}
+        if eval_group.size < c.comm.size and not strategy.isolated:
+            # Distributed: each group trains a model of its own (SWAP phase 2); rank 0 logs every one.
+            per_group = c.comm.allgather_object((eval_group.index, eval_group.rank, metrics))
+            values.update({f"train_worker{index}/epoch_{k}": v for index, rank_in_group, m in per_group
+                           if rank_in_group == 0 for k, v in m.items()})
+        self.logger.scalars(values, c.step, epoch=epoch + 1, phase=phase)
         return metrics
 
     def _stop_agreed(self) -> bool:
@@ -409,7 +414,10 @@ class Trainer:
             for index, res in groups.items():
                 values.update({f"eval_worker{index}/{n}/{k}": v for n, m in res.items() for k, v in m.items()})
         values.update({f"eval/{n}/{k}": v for n, m in results.items() for k, v in m.items()})
-        values["time/wall_s"] = self._wall_s()
+        # One tag for every method's result, so runs of different methods overlay in one chart;
+        # the training model stands in while the output model does not exist yet (SWA before it starts).
+        output = results.get(self.strategy.output_name, results["model"])
+        values.update({"output/acc": output["acc"], "output/loss": output["loss"], "time/wall_s": self._wall_s()})
         self.logger.scalars(values, self.ctx.step, epoch=self.ctx.epoch, phase=self.strategy.phase)
         self.history.append({"epoch": self.ctx.epoch, "step": self.ctx.step, "wall_s": values["time/wall_s"],
                              "timers": dict(self.timer.totals),  # seconds per phase so far (time-to-target)

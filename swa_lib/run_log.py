@@ -8,6 +8,12 @@ Rank 0 writes, into the run directory:
   tb/             the same scalars and the run's hparams for TensorBoard
   summary.json    final metrics, written at the end
 Other ranks log nothing; per-worker values reach rank 0 through the communicator.
+
+TensorBoard runs of different methods line up: every run logs `epoch` against the optimizer
+step, and `output/acc` and `output/loss` for the model the method outputs (SB, LB, SWA, SWAP,
+HWA, ...), so one chart overlays them. The hparams (the flattened config) are written when the
+run starts, with `output/acc` and `output/loss` as their metrics, so a run that is still going
+or was stopped shows in the HPARAMS tab too. `./run.sh tensorboard [logdir]` opens them.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from swa_lib.checkpoint import atomic_write_text
 from swa_lib.config import Config, flatten, precision_record, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The scalars every method logs for its output model: the tags to overlay methods on.
+OUTPUT_TAGS = ("output/acc", "output/loss")
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str:
@@ -142,11 +150,26 @@ class RunLogger:
         atomic_write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), self.run_dir / "config.yaml")
         self.writer = SummaryWriter(str(self.run_dir / "tb"))
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        self._epoch_step = None  # the last step `epoch` was logged at (one point per step)
+        self._session_end = self._write_hparams()
+
+    def _write_hparams(self):
+        """The config as hparams, and the session start, now; returns the session-end summary."""
+        from torch.utils.tensorboard.summary import hparams
+
+        values = {k: ("None" if v is None else v) for k, v in flatten(to_dict(self.cfg)).items()}
+        experiment, session_start, session_end = hparams(values, dict.fromkeys(OUTPUT_TAGS, 0.0))
+        for summary in (experiment, session_start):  # metric values are read from the scalars
+            self.writer.file_writer.add_summary(summary)
+        return session_end
 
     def scalars(self, values: dict, step: int, **context) -> None:
         """Log {tag: value} at optimizer step `step`; `context` (epoch, wall_s) goes to jsonl."""
         if not self.enabled:
             return
+        if "epoch" in context and step != self._epoch_step:
+            self.writer.add_scalar("epoch", context["epoch"], step)
+            self._epoch_step = step
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
         self._jsonl.write(json.dumps({"step": step, **context, **values}) + "\n")
@@ -157,14 +180,11 @@ class RunLogger:
             self.writer.add_text(tag, text, step)
 
     def finish(self, summary: dict) -> None:
-        """Write summary.json and the run's hparams with its final metrics."""
+        """Write summary.json and end the hparams session (its metrics are the output/* scalars)."""
         if not self.enabled:
             return
         atomic_write_text(json.dumps(summary, indent=2), self.run_dir / "summary.json")
-        hparams = flatten(to_dict(self.cfg))
-        hparams = {k: ("None" if v is None else v) for k, v in hparams.items()}
-        final = {f"hparam/{k}": v for k, v in summary["final"].items() if isinstance(v, (int, float))}
-        self.writer.add_hparams(hparams, final, run_name="hparams")
+        self.writer.file_writer.add_summary(self._session_end)
         self.writer.flush()
 
     def close(self) -> None:

@@ -38,13 +38,21 @@ def run_mpi(np: int, script: Path, args=(), timeout_s: float = 120, env: dict | 
         mpirun_args: extra mpirun options, e.g. ("--mca", "orte_abort_on_non_zero_status", "0").
     The repo root is put on PYTHONPATH, so scripts import swa_lib directly.
     """
+    cmd = [*MPIRUN, *mpirun_args, "-np", str(np), "-x", "PYTHONPATH", PYTHON, str(script), *map(str, args)]
+    return run_job(cmd, timeout_s, env, check)
+
+
+def run_job(cmd: list[str], timeout_s: float = 120, env: dict | None = None, check: bool = True,
+            cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """Run any launcher command line (mpirun, horovodrun, torchrun, srun) like `run_mpi` does:
+    repo root on PYTHONPATH, the whole process group killed after `timeout_s`, output in failures."""
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT)] + [p for p in full_env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    cmd = [*MPIRUN, *mpirun_args, "-np", str(np), "-x", "PYTHONPATH", PYTHON, str(script), *map(str, args)]
-    # A new session, so a timeout can kill mpirun and every rank it started, not just mpirun.
+    cmd = [str(c) for c in cmd]
+    # A new session, so a timeout can kill the launcher and every rank it started, not just it.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=full_env, cwd=REPO_ROOT, start_new_session=True)
+                            env=full_env, cwd=cwd, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

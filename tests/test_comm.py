@@ -19,7 +19,7 @@ from swa_lib.comm import (BACKENDS, LaunchInfo, SingleProcess, _resolve_backend,
 
 SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
 LAUNCHER_VARS = ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "PMIX_RANK",
-                 "SLURM_STEP_NUM_TASKS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID",
+                 "SLURM_STEP_NUM_TASKS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "HOROVOD_RANK",
                  "SWA_COMM_BACKEND"]
 
 
@@ -98,7 +98,13 @@ def test_single_process_backend_is_the_identity(monkeypatch):
      LaunchInfo("pmi", 1, 8, 1, 4), "horovod"),
     ({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"},
      LaunchInfo("srun", 3, 4, 1), "horovod"),
+    ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2"},
+     LaunchInfo("srun", 1, 4, 1, 2), "horovod"),
+    ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "5", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2),1"},
+     LaunchInfo("srun", 1, 5, 1, None), "horovod"),  # nodes with different task counts
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, LaunchInfo(None), "single"),  # sbatch's own shell
+    ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2",
+      "HOROVOD_CONTROLLER": "gloo"}, LaunchInfo("horovodrun", 1, 2, 1, 2), "horovod"),  # horovodrun --gloo
     ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "x"},
      LaunchInfo("torchrun", 1, 2, 1, 2), "torch"),
     ({}, LaunchInfo(None), "single"),
