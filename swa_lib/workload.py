@@ -1,4 +1,11 @@
-"""A workload owns the data, the model and the loss (as in AlgoPerf); the loop owns the rest."""
+"""A workload owns the data, the model and the loss (as in AlgoPerf); the loop owns the rest.
+
+This is the reproduction harness's one bridge to the checkout's top-level `data/` and
+`models/` packages: the Trainer gets its workload from here, and nothing else in swa_lib
+imports those packages (tests/test_packaging.py checks it). A user's own loop brings its
+own data and model and never imports this module; it works only from a checkout (the entry
+points under experiments/ put the repository root on sys.path).
+"""
 from __future__ import annotations
 
 import os
@@ -7,13 +14,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import data as datasets
-import models
+try:
+    import data as datasets
+    import models
+except ImportError as err:  # an installed swa_lib used outside the checkout
+    raise ImportError(f"swa_lib.workload is the reproduction harness and needs the repository's "
+                      f"data/ and models/ packages on sys.path ({err}); run the entry points under "
+                      f"experiments/ from a checkout, or drive swa_lib from your own loop "
+                      f"(see examples/)") from err
 from swa_lib.config import Config
 from swa_lib.methods.base import DataShard
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IN_MEMORY = {"cifar10", "cifar10_jpg", "cifar100", "tiny_imagenet"}
+
+
+def model_names() -> list[str]:
+    """The names `model.name` may take: the harness's model registry (for load_config)."""
+    return models.available_models()
 
 
 def data_root(cfg: Config) -> Path:
