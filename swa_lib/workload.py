@@ -9,6 +9,7 @@ points under experiments/ put the repository root on sys.path).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -34,6 +35,40 @@ def model_names() -> list[str]:
     return models.available_models()
 
 
+def resolve_dataset(name: str, root: Path) -> str:
+    """The dataset to load for `name`: the CIFAR-10 JPEG copy falls back to the official files.
+
+    A newcomer's clone often lacks ../shared/data. For `cifar10_jpg` without the JPEG copy under
+    `root`, the official CIFAR-10 python files (torchvision's cifar-10-batches-py) under the
+    same root are used instead, with a note; with SWA_DATA_DOWNLOAD=1 (the consent to go on
+    the internet) they are downloaded there. Without either, a FileNotFoundError says where
+    each was looked for and how to provide one. Other datasets are returned unchanged."""
+    from data.cifar import DOWNLOAD_ENV, LAYOUTS
+    from data.cifar10_jpg import find_files
+
+    if name != "cifar10_jpg":
+        return name
+    try:
+        find_files(root)
+        return name
+    except FileNotFoundError as err:
+        missing_jpg = str(err)
+    official = [root / LAYOUTS["cifar10"].folder, root / "cifar10" / LAYOUTS["cifar10"].folder]
+    found = next((f for f in official if (f / LAYOUTS["cifar10"].meta_file).is_file()), None)
+    consent = os.environ.get(DOWNLOAD_ENV, "") == "1"
+    if found is None and not consent:
+        raise FileNotFoundError(
+            f"no CIFAR-10 found under the data root {root}. {missing_jpg}. Nor are the official "
+            f"CIFAR-10 python files there ({official[0]} or {official[1]}, torchvision's format). "
+            f"Either put the JPEG copy or the official files under a folder and set SWA_DATA_ROOT "
+            f"to it, or set {DOWNLOAD_ENV}=1 to let torchvision download the official files into {root}")
+    how = f"found in {found}" if found else f"downloading them into {root} ({DOWNLOAD_ENV}=1)"
+    print(f"note: data.dataset cifar10_jpg: the JPEG copy is not under {root}; using the official "
+          f"CIFAR-10 files instead ({how}). Accuracies differ a little from the tables in results/, "
+          f"which used the JPEG copy", file=sys.stderr, flush=True)
+    return "cifar10"
+
+
 def data_root(cfg: Config) -> Path:
     """SWA_DATA_ROOT if set, else data.root (relative paths from the repo root)."""
     root = Path(os.environ.get("SWA_DATA_ROOT") or cfg.data.root).expanduser()
@@ -49,13 +84,14 @@ class Workload:
         self.root = data_root(cfg)
         d = cfg.data
         self._loaders: dict = {}
+        self.dataset = resolve_dataset(d.dataset, self.root)  # what is loaded (see resolve_dataset)
         if d.dataset in IN_MEMORY:
             kw = dict(root=self.root, cache_dir=Path(d.cache_dir).expanduser(), num_classes=d.num_classes)
-            self.train_set = datasets.load_dataset(d.dataset, split="train", subset=d.train_subset, **kw)
+            self.train_set = datasets.load_dataset(self.dataset, split="train", subset=d.train_subset, **kw)
             if d.val_split:  # tuning: train on the rest, "test" metrics are on the held-out images
                 self.train_set, self.test_set = datasets.holdout_split(self.train_set, d.val_split)
             else:
-                self.test_set = datasets.load_dataset(d.dataset, split="test", subset=d.test_subset, **kw)
+                self.test_set = datasets.load_dataset(self.dataset, split="test", subset=d.test_subset, **kw)
             if d.image_size:
                 self.train_set = datasets.resize_images(self.train_set, d.image_size)
                 self.test_set = datasets.resize_images(self.test_set, d.image_size)
