@@ -222,3 +222,16 @@ def test_example_hwa_under_mpirun(installed, image_folders):
     assert re.search(r"processes 2 \(horovod\), 2 groups, 5 cycles of 4 steps: .*mean of the last 3 averages",
                      out), out
     accuracies(out)
+
+
+def test_readme_snippets_are_the_examples():
+    """Each example's marked loop appears verbatim in README.md, inside a python block."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    examples = sorted((REPO_ROOT / "examples").glob("*_own_loop.py"))
+    assert {p.name for p in examples} == {"swa_own_loop.py", "swap_own_loop.py", "hwa_own_loop.py",
+                                          "lawa_ema_own_loop.py", "swalp_own_loop.py"}
+    for path in examples:
+        marked = re.search(r"# --8<-- \[start:loop\]\n(.*?)# --8<-- \[end:loop\]", path.read_text(), flags=re.S)
+        assert marked, f"{path.name}: no marked loop"
+        assert marked.group(1) in blocks, f"README.md has no python block equal to the loop of {path.name}"
