@@ -138,8 +138,11 @@ def installed(tmp_path_factory):
 def test_pip_install_makes_swa_lib_importable_from_anywhere(installed):
     python, outside = installed
     report = import_walk(outside, str(python), cwd=outside)  # outside/ holds no swa_lib
-    assert report["file"] == str(site_packages(python, cwd=outside) / "swa_lib" / "__init__.py")
+    site = site_packages(python, cwd=outside)
+    assert report["file"] == str(site / "swa_lib" / "__init__.py")
     assert report["harness"] == [] and "reproduction harness" in report["bridge"]
+    assert {"swa_lib.methods", "swa_lib.quant"} <= set(report["modules"])  # subpackages are installed
+    assert not any((site / name).exists() for name in ("models", "data", "experiments", "tests", "examples"))
 
 
 def test_editable_install_exposes_swa_lib_but_not_the_harness_packages(tmp_path):
