@@ -47,10 +47,12 @@ bn_loader = shard_loader(train_set, comm.rank, comm.size, args.batch_size, args.
 swap = swap_average_(comm, copy.deepcopy(model), bn_loader)
 # --8<-- [end:loop]
 
-worker_acc = comm.allgather_object((worker.index, accuracy(model, test_set)))
+# A worker's members share weights but not BN running statistics (each saw its own shard),
+# so each worker is reported by its first member.
+worker_acc = comm.allgather_object((worker.index, worker.rank, accuracy(model, test_set)))
 if comm.rank == 0:
     print(DEMO_NOTE)
-    accs = ", ".join(f"worker {k} {acc:.3f}" for k, acc in sorted(set(worker_acc)))
+    accs = ", ".join(f"worker {k} {acc:.3f}" for k, member, acc in sorted(worker_acc) if member == 0)
     print(f"processes {comm.size} ({comm.backend}), {args.workers} workers of {worker.size}: "
           f"test acc {accs}; SWAP average {accuracy(swap, test_set):.3f}")
 comm.shutdown()
