@@ -136,10 +136,13 @@ def test_hwa_averager_rejects_bad_arguments_by_name():
     from swa_lib.methods import HWAAverager
 
     model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     comm = init_comm("single")
+    with pytest.raises(ValueError, match="momentum='average' acts on the optimizer's momentum: pass the optimizer"):
+        HWAAverager(comm, model, groups=2, sync_period_steps=2, window_cycles=1)
     for kwargs, words in ((dict(groups=3, sync_period_steps=2, window_cycles=1), "cannot split world size 1"),
                           (dict(groups=1, sync_period_steps=0, window_cycles=1), "sync_period_steps: 0"),
                           (dict(groups=1, sync_period_steps=2, window_cycles=0), "window_cycles: 0"),
                           (dict(groups=1, sync_period_steps=2, window_cycles=1, momentum="x"), "momentum: 'x'")):
         with pytest.raises(ValueError, match=words):
-            HWAAverager(comm, model, **kwargs)
+            HWAAverager(comm, model, opt, **kwargs)
