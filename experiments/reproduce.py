@@ -41,6 +41,7 @@ from experiments import summary as summary_page  # noqa: E402
 from experiments import tables  # noqa: E402
 from swa_lib.config import ConfigError, load_config, to_dict  # noqa: E402
 from swa_lib.run_log import git_commit, library_versions, machine_description  # noqa: E402
+from swa_lib.workload import model_names  # noqa: E402
 
 SPECS = ROOT / "configs" / "reproduce"
 RUNS = ROOT / "runs" / "reproduce"
@@ -71,7 +72,7 @@ class Job:
         self.entry = row.get("entry", spec["entry"])
         self.processes = row.get("processes", spec.get("processes", 1))
         self.overrides = [f"run.seed={seed}", "run.progress=false", *row.get("overrides", [])]
-        self.config = load_config(ROOT / row["config"], self.overrides)
+        self.config = load_config(ROOT / row["config"], self.overrides, model_names=model_names())
         self.cost = self.config.schedule.epochs * row.get("cost_factor", 1.0)  # for the ETA only
 
     @property

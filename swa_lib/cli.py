@@ -63,8 +63,10 @@ def build_trainer(cfg, comm, run_dir: Path):
 
 def main(argv=None, description: str = "Train with weight averaging.", default_method: str = "sgd") -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv, description)
+    from swa_lib.workload import model_names  # the harness's models: known only to entry points
+
     try:
-        cfg = load_config(args.config, args.overrides, default_method=default_method)
+        cfg = load_config(args.config, args.overrides, default_method=default_method, model_names=model_names())
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -48,7 +48,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet9"  # any name in models.available_models()
+    name: str = "resnet9"  # a model of the harness's registry (models.available_models())
     kwargs: dict = field(default_factory=dict)  # passed to the model constructor, e.g. {width: 16}
 
 
@@ -206,8 +206,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), default_method: str = "sgd") -> Config:
-    """Read a YAML config, apply overrides, type it and validate it. Raises ConfigError."""
+def load_config(path: str | Path | None, overrides: list[str] = (), default_method: str = "sgd",
+                model_names: Iterable[str] | None = None) -> Config:
+    """Read a YAML config, apply overrides, type it and validate it. Raises ConfigError.
+
+    `model_names`: the names `model.name` may take (the harness passes its model registry,
+    swa_lib.workload.model_names()); None leaves the name to be checked when the model is built.
+    """
     from swa_lib.methods import method_config_class  # late: methods import this module
 
     raw: dict = {}
@@ -237,7 +242,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), default_meth
     except KeyError as err:
         problems.append(f"method.name: {err.args[0]}")
     try:
-        validate(cfg)
+        validate(cfg, model_names)
     except ConfigError as err:
         problems += err.problems
     if problems:
@@ -259,10 +264,11 @@ def _positive(problems, where, value, allow_zero=False, allow_none=False):
         problems.append(f"{where}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def validate(cfg: Config) -> None:
-    """Check every invariant of a merged config; raise ConfigError listing all problems."""
-    from models import available_models
+def validate(cfg: Config, model_names: Iterable[str] | None = None) -> None:
+    """Check every invariant of a merged config; raise ConfigError listing all problems.
 
+    The library knows no models: `model_names` (see load_config) is what `model.name` is
+    checked against, when given."""
     p: list[str] = []
     _choice(p, "data.dataset", cfg.data.dataset, DATASETS)
     _choice(p, "data.augment", cfg.data.augment, AUGMENTS)
@@ -277,7 +283,8 @@ def validate(cfg: Config) -> None:
     if cfg.data.dataset == "imagenet" and (cfg.data.val_split or cfg.data.image_size):
         p.append("data.val_split / data.image_size: only for in-memory datasets, not streamed ImageNet folders")
     _positive(p, "data.num_classes", cfg.data.num_classes, allow_none=True)
-    _choice(p, "model.name", cfg.model.name, available_models())
+    if model_names is not None:
+        _choice(p, "model.name", cfg.model.name, sorted(model_names))
     _positive(p, "optim.lr", cfg.optim.lr)
     _positive(p, "optim.batch_size", cfg.optim.batch_size)
     _positive(p, "optim.lr_reference_batch", cfg.optim.lr_reference_batch, allow_none=True)

@@ -1,19 +1,72 @@
-"""A workload owns the data, the model and the loss (as in AlgoPerf); the loop owns the rest."""
+"""A workload owns the data, the model and the loss (as in AlgoPerf); the loop owns the rest.
+
+This is the reproduction harness's one bridge to the checkout's top-level `data/` and
+`models/` packages: the Trainer gets its workload from here, and nothing else in swa_lib
+imports those packages (tests/test_packaging.py checks it). A user's own loop brings its
+own data and model and never imports this module; it works only from a checkout (the entry
+points under experiments/ put the repository root on sys.path).
+"""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import data as datasets
-import models
+try:
+    import data as datasets
+    import models
+except ImportError as err:  # an installed swa_lib used outside the checkout
+    raise ImportError(f"swa_lib.workload is the reproduction harness and needs the repository's "
+                      f"data/ and models/ packages on sys.path ({err}); run the entry points under "
+                      f"experiments/ from a checkout, or drive swa_lib from your own loop "
+                      f"(see examples/)") from err
 from swa_lib.config import Config
 from swa_lib.methods.base import DataShard
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IN_MEMORY = {"cifar10", "cifar10_jpg", "cifar100", "tiny_imagenet"}
+
+
+def model_names() -> list[str]:
+    """The names `model.name` may take: the harness's model registry (for load_config)."""
+    return models.available_models()
+
+
+def resolve_dataset(name: str, root: Path) -> str:
+    """The dataset to load for `name`: the CIFAR-10 JPEG copy falls back to the official files.
+
+    A newcomer's clone often lacks ../shared/data. For `cifar10_jpg` without the JPEG copy under
+    `root`, the official CIFAR-10 python files (torchvision's cifar-10-batches-py) under the
+    same root are used instead, with a note; with SWA_DATA_DOWNLOAD=1 (the consent to go on
+    the internet) they are downloaded there. Without either, a FileNotFoundError says where
+    each was looked for and how to provide one. Other datasets are returned unchanged."""
+    from data.cifar import DOWNLOAD_ENV, LAYOUTS
+    from data.cifar10_jpg import find_files
+
+    if name != "cifar10_jpg":
+        return name
+    try:
+        find_files(root)
+        return name
+    except FileNotFoundError as err:
+        missing_jpg = str(err)
+    official = [root / LAYOUTS["cifar10"].folder, root / "cifar10" / LAYOUTS["cifar10"].folder]
+    found = next((f for f in official if (f / LAYOUTS["cifar10"].meta_file).is_file()), None)
+    consent = os.environ.get(DOWNLOAD_ENV, "") == "1"
+    if found is None and not consent:
+        raise FileNotFoundError(
+            f"no CIFAR-10 found under the data root {root}. {missing_jpg}. Nor are the official "
+            f"CIFAR-10 python files there ({official[0]} or {official[1]}, torchvision's format). "
+            f"Either put the JPEG copy or the official files under a folder and set SWA_DATA_ROOT "
+            f"to it, or set {DOWNLOAD_ENV}=1 to let torchvision download the official files into {root}")
+    how = f"found in {found}" if found else f"downloading them into {root} ({DOWNLOAD_ENV}=1)"
+    print(f"note: data.dataset cifar10_jpg: the JPEG copy is not under {root}; using the official "
+          f"CIFAR-10 files instead ({how}). Accuracies differ a little from the tables in results/, "
+          f"which used the JPEG copy", file=sys.stderr, flush=True)
+    return "cifar10"
 
 
 def data_root(cfg: Config) -> Path:
@@ -31,13 +84,14 @@ class Workload:
         self.root = data_root(cfg)
         d = cfg.data
         self._loaders: dict = {}
+        self.dataset = resolve_dataset(d.dataset, self.root)  # what is loaded (see resolve_dataset)
         if d.dataset in IN_MEMORY:
             kw = dict(root=self.root, cache_dir=Path(d.cache_dir).expanduser(), num_classes=d.num_classes)
-            self.train_set = datasets.load_dataset(d.dataset, split="train", subset=d.train_subset, **kw)
+            self.train_set = datasets.load_dataset(self.dataset, split="train", subset=d.train_subset, **kw)
             if d.val_split:  # tuning: train on the rest, "test" metrics are on the held-out images
                 self.train_set, self.test_set = datasets.holdout_split(self.train_set, d.val_split)
             else:
-                self.test_set = datasets.load_dataset(d.dataset, split="test", subset=d.test_subset, **kw)
+                self.test_set = datasets.load_dataset(self.dataset, split="test", subset=d.test_subset, **kw)
             if d.image_size:
                 self.train_set = datasets.resize_images(self.train_set, d.image_size)
                 self.test_set = datasets.resize_images(self.test_set, d.image_size)

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from swa_lib.config import ConfigError, load_config, to_dict
+from swa_lib.workload import model_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,9 +51,25 @@ def test_yaml11_exponent_without_dot_is_a_float(tmp_path):
 ])
 def test_each_bad_field_is_named(override, field, words):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_config(None, [override], model_names=model_names())
     text = str(err.value)
     assert field in text and words in text, text
+
+
+def test_model_name_is_checked_only_against_the_names_given():
+    """The library knows no models: the harness passes its registry (entry points, reproduce)."""
+    assert load_config(None, ["model.name=my_own_net"]).model.name == "my_own_net"
+    with pytest.raises(ConfigError, match="model.name: 'my_own_net' is not one of a, b"):
+        load_config(None, ["model.name=my_own_net"], model_names=["b", "a"])
+
+
+def test_entry_point_rejects_an_unknown_model_with_exit_2(tmp_path):
+    path = write(tmp_path, {"model": {"name": "resnet1000"}})
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "baselines.py"), "--config", str(path),
+                           "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "model.name: 'resnet1000' is not one of" in proc.stderr and "resnet9" in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_all_problems_are_reported_at_once():
@@ -89,7 +106,7 @@ def test_every_shipped_config_is_valid():
     configs = [c for c in configs if "reproduce" not in c.parts]
     assert configs, "no configs found"
     for path in configs:
-        load_config(path)
+        load_config(path, model_names=model_names())
 
 
 def test_every_reproduce_spec_names_valid_runs():
@@ -103,7 +120,7 @@ def test_every_reproduce_spec_names_valid_runs():
         for row in spec["rows"]:
             entry = row.get("entry", spec.get("entry"))
             assert entry and (ROOT / entry).exists(), f"{path.name}: row {row['label']!r} has no entry script"
-            load_config(ROOT / row["config"], row.get("overrides", []))
+            load_config(ROOT / row["config"], row.get("overrides", []), model_names=model_names())
         referred = [ref.partition("@")[0] for pair in spec.get("paired", []) for ref in pair[:2]]
         averaging = spec.get("averaging", {})
         referred += [averaging["sweep_row"]] if "sweep_row" in averaging else []

@@ -100,3 +100,49 @@ def test_groups_that_do_not_divide_the_world_exit_2_before_training(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "method.groups: 3 must divide the world size 1" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_hwa_averager_in_an_own_loop_outputs_the_window_mean_with_bn_recomputed():
+    """The own-loop API, one process (K = 1): cycles end every H steps, the output is the mean of
+    the last M end-of-cycle weights, and its BN statistics are torch's update_bn on the given batches."""
+    from torch.optim.swa_utils import update_bn
+
+    from swa_lib.methods import HWAAverager
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    hwa = HWAAverager(init_comm("single"), model, opt, groups=1, sync_period_steps=3, window_cycles=2)
+    ends = []
+    for step in range(1, 11):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        if hwa.step(step):
+            ends.append((step, flat_parameters(model)))
+    assert [s for s, _ in ends] == [3, 6, 9] and hwa.cycles == 3
+    output = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    batches = [torch.randn(8, 4) for _ in range(3)]
+    assert hwa.output_(output, batches)
+    torch.testing.assert_close(flat_parameters(output), (ends[1][1] + ends[2][1]) / 2, rtol=0, atol=1e-7)
+    reference = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    reference.load_state_dict(output.state_dict())
+    update_bn(batches, reference)
+    torch.testing.assert_close(output[1].running_mean, reference[1].running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(output[1].running_var, reference[1].running_var, rtol=0, atol=0)
+
+
+def test_hwa_averager_rejects_bad_arguments_by_name():
+    from swa_lib.methods import HWAAverager
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    comm = init_comm("single")
+    with pytest.raises(ValueError, match="momentum='average' acts on the optimizer's momentum: pass the optimizer"):
+        HWAAverager(comm, model, groups=2, sync_period_steps=2, window_cycles=1)
+    for kwargs, words in ((dict(groups=3, sync_period_steps=2, window_cycles=1), "cannot split world size 1"),
+                          (dict(groups=1, sync_period_steps=0, window_cycles=1), "sync_period_steps: 0"),
+                          (dict(groups=1, sync_period_steps=2, window_cycles=0), "window_cycles: 0"),
+                          (dict(groups=1, sync_period_steps=2, window_cycles=1, momentum="x"), "momentum: 'x'")):
+        with pytest.raises(ValueError, match=words):
+            HWAAverager(comm, model, opt, **kwargs)

@@ -8,8 +8,9 @@ from __future__ import annotations
 from swa_lib.methods.base import Strategy, SGDConfig, DataShard
 from swa_lib.methods.swa import SWA, SWAConfig
 from swa_lib.methods.swalp import SWALP, SWALPConfig
-from swa_lib.methods.swap import SWAP, SWAPConfig
-from swa_lib.methods.hwa import HWA, HWAConfig
+from swa_lib.methods.swap import SWAP, SWAPConfig, swap_average_
+from swa_lib.methods.hwa import HWA, HWAAverager, HWAConfig
+from swa_lib.methods.lawa_ema import EMA, LAWA
 from swa_lib.methods.lawa_ema_methods import AveragesConfig, EMAConfig, LAWAConfig, WeightAverages
 
 _REGISTRY: dict[str, tuple[type, type]] = {}
@@ -40,5 +41,6 @@ register(EMAConfig, WeightAverages)
 register(AveragesConfig, WeightAverages)
 
 __all__ = ["Strategy", "DataShard", "SGDConfig", "SWA", "SWAConfig", "SWALP", "SWALPConfig", "SWAP", "SWAPConfig",
-           "register", "build_strategy", "method_config_class", "HWA", "HWAConfig",
+           "register", "build_strategy", "method_config_class", "HWA", "HWAConfig", "HWAAverager", "swap_average_",
+           "LAWA", "EMA",
            "WeightAverages", "LAWAConfig", "EMAConfig", "AveragesConfig"]

@@ -62,6 +62,25 @@ from swa_lib.schedules import build_lr_fn, peak_lr
 PHASES = ("phase1", "phase2", "phase3")
 
 
+def swap_average_(comm, model: torch.nn.Module, bn_batches, *, max_batches: int | None = None,
+                  device: torch.device | None = None) -> torch.nn.Module:
+    """SWAP's phase 3 for any loop: average `model` over the world, then recompute its BN statistics.
+
+    Call it on every process with its own worker's model (or a copy of it), after phase 2.
+    Members of a worker hold the same replica, so the world mean is the mean over workers.
+    BN running statistics are not averaged but recomputed from `bn_batches`, this process's
+    shard of the training data (the same number of batches on every process), and combined
+    exactly over the world (swa_lib.averaging.update_bn_). Returns `model`, now the average.
+
+        comm = init_comm(); worker = comm.split(K)        # phase 2: K independent workers
+        ...; allreduce_gradients_(comm, model, worker)    # gradients stay inside the worker
+        swap = swap_average_(comm, copy.deepcopy(model), my_shard_of_training_batches)
+    """
+    average_model_(comm, model, comm.world, buffers=False)  # Distributed: mean over the K workers
+    update_bn_(model, bn_batches, comm=comm, group=comm.world, max_batches=max_batches, device=device)
+    return model
+
+
 @dataclass
 class SWAPConfig:
     """Settings of SWAP. `schedule.epochs` is the whole budget: phase-1 cap + phase2_epochs."""
@@ -235,9 +254,11 @@ class SWAP(Strategy):
             present = self._wait_for_workers()
             if len(present) < self.cfg.method.workers:
                 self._average_survivors(present)  # raises PartialWorldResult
-        self.average = copy.deepcopy(ctx.model)
-        average_model_(comm, self.average, comm.world, buffers=False)  # Distributed: mean over the K workers
-        self.recompute_bn(self.average)
+        cfg = self.cfg
+        loader = ctx.workload.train_loader(DataShard(comm.rank, comm.size, cfg.run.seed, cfg.optim.batch_size))
+        loader.set_epoch(ctx.epoch - 1)  # the last epoch's order and augmentation, on every resume too
+        self.average = swap_average_(comm, copy.deepcopy(ctx.model), loader,
+                                     max_batches=cfg.eval.bn_update_batches, device=ctx.device)
         self._phase = "phase3"
 
     def _worker_file(self, index: int):
@@ -295,14 +316,6 @@ class SWAP(Strategy):
             correct += (model(x).argmax(1) == y).sum().item()
             total += len(y)
         return correct / total
-
-    def recompute_bn(self, model: torch.nn.Module) -> None:
-        """BN statistics of `model` from training data sharded over every process, combined exactly."""
-        comm, cfg = self.ctx.comm, self.cfg
-        loader = self.ctx.workload.train_loader(DataShard(comm.rank, comm.size, cfg.run.seed, cfg.optim.batch_size))
-        loader.set_epoch(self.ctx.epoch - 1)  # the last epoch's order and augmentation, on every resume too
-        update_bn_(model, loader, comm=comm, group=comm.world, max_batches=cfg.eval.bn_update_batches,
-                   device=self.ctx.device)
 
     def eval_targets(self):
         return {"swap": self.average} if self.average is not None else {}
