@@ -157,8 +157,13 @@ def test_nan_loss_stops_with_a_diagnostic_and_keeps_the_last_checkpoint(tmp_path
     pointer = json.loads((ckpt_dir / "latest.json").read_text())
     saved = ckpt_dir / pointer["tag"] / "rank0.pt"
     before = _sha(saved)
-    bad = subprocess.run(cmd + ["optim.lr=1.0e+6"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1
+    # The same command resumed, with the weights turned to NaN after its first step (step 11): the
+    # same config, so run identity lets it resume (a changed optim.lr would now be refused, exit 2).
+    inject = [sys.executable, str(ROOT / "tests" / "mpi_scripts" / "fault_inject.py"), "nan", "0", "11", *cmd[2:]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    bad = subprocess.run(inject, capture_output=True, text=True, timeout=300, env=env)
+    assert "INJECT nan rank=0 step=11" in bad.stdout, bad.stdout + bad.stderr
+    assert bad.returncode == 1, bad.stderr
     assert "NonFiniteLossError" in bad.stderr and "last good checkpoint" in bad.stderr, bad.stderr
     assert json.loads((ckpt_dir / "latest.json").read_text()) == pointer
     assert _sha(saved) == before
