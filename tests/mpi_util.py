@@ -49,10 +49,16 @@ def run_job(cmd: list[str], timeout_s: float = 120, env: dict | None = None, che
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT)] + [p for p in full_env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return run_process(cmd, timeout_s, full_env, cwd, check)
+
+
+def run_process(cmd: list, timeout_s: float, env: dict | None, cwd: Path | None, check: bool = True
+                ) -> subprocess.CompletedProcess:
+    """Run `cmd` with exactly `env` (None: this process's) in a new session, so that a timeout kills
+    the launcher and every rank it started, not just it; failures show the output."""
     cmd = [str(c) for c in cmd]
-    # A new session, so a timeout can kill the launcher and every rank it started, not just it.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=full_env, cwd=cwd, start_new_session=True)
+                            env=env, cwd=cwd, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

@@ -11,14 +11,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from mpi_util import MPIRUN, PYTHON, REPO_ROOT, _show
+from mpi_util import MPIRUN, PYTHON, REPO_ROOT, run_process
 
 ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10" / "cifar10_jpg.tar.xz"
 HARNESS_MODULES = {"swa_lib.workload"}  # the one module that binds the Trainer to data/ and models/
@@ -46,19 +45,8 @@ print(json.dumps({"file": swa_lib.__file__, "modules": public, "harness": harnes
 
 
 def run_checked(cmd, cwd, timeout_s=300, env=None) -> subprocess.CompletedProcess:
-    """Run `cmd` (its own process group, killed on timeout) and assert exit 0."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{cmd} did not finish in {timeout_s} s\n"
-                             + _show(subprocess.CompletedProcess(cmd, -9, out, err))) from None
-    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    assert result.returncode == 0, f"{' '.join(map(str, cmd))} exited {result.returncode}\n{_show(result)}"
-    return result
+    """Run `cmd` with exactly `env` (no repo root added), killed on timeout, and assert exit 0."""
+    return run_process(cmd, timeout_s, env, cwd)
 
 
 def outside_env() -> dict:
