@@ -16,6 +16,13 @@ Runs live in runs/reproduce/<name>/<label>-s<seed>/ and are kept between invocat
   (never deleted) and run again, and the move is printed;
 - an unfinished run (killed, preempted) continues from its latest checkpoint, under the same
   two conditions; so a killed `reproduce` resumes where it stopped.
+Across machines: each finished run also leaves a record in results/run_records/<name>/<run>/
+(summary, config, run info, metrics, TensorBoard events, its load samples; model weights only
+where the spec's `record_weights` asks, for the figures that need them). Records are small and
+committed, so a table too long for one machine session is finished by the next: a run whose
+directory is missing is restored from its record, then reused under the same two conditions.
+Runs go seed by seed (every row of seed 0, then of seed 1, ...), so a table stopped halfway
+already holds complete comparisons.
 Runs execute `--jobs` at a time (default: as many as fit the cores, one thread per process),
 and a progress bar shows the runs left and an ETA. The table records how the cores were shared:
 jobs at a time, other tables running at the same moment, and the load average.
@@ -32,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from tqdm import tqdm
 
@@ -45,6 +53,7 @@ from swa_lib.workload import model_names  # noqa: E402
 
 SPECS = ROOT / "configs" / "reproduce"
 RUNS = ROOT / "runs" / "reproduce"
+RECORDS = ROOT / "results" / "run_records"
 CODE_PATHS = ("swa_lib", "models", "data")
 
 
@@ -69,6 +78,9 @@ class Job:
     def __init__(self, spec: dict, name: str, row: dict, seed: int):
         self.row, self.seed, self.label = row, seed, row["label"]
         self.dir = RUNS / name / run_dir_name(self.label, seed)
+        self.record = RECORDS / name / run_dir_name(self.label, seed)
+        # The figures that need weights (swap_plots.error_plane) read the first seed's only.
+        self.keep_weights = bool(row.get("record_weights")) and seed == row.get("seeds", spec["seeds"])[0]
         self.entry = row.get("entry", spec["entry"])
         self.processes = row.get("processes", spec.get("processes", 1))
         self.overrides = [f"run.seed={seed}", "run.progress=false", *row.get("overrides", [])]
@@ -99,6 +111,34 @@ class Job:
                               capture_output=True).returncode == 0
         return None if same else f"the code changed since its commit {commit[:10]} ({', '.join(paths)})"
 
+    def save_record(self) -> None:
+        """Copy what a finished run's table, figures and TensorBoard need into its record
+        (checkpoints left out: a few MB each; model weights only where `record_weights` asks)."""
+        tmp = self.record.with_name(self.record.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(self.dir, tmp, ignore=shutil.ignore_patterns("checkpoints"))
+        if self.load_file.exists():
+            shutil.copy2(self.load_file, tmp / "load.json")
+        latest = self.dir / "checkpoints" / "latest.json"
+        if self.keep_weights and latest.exists():
+            tag = json.loads(latest.read_text())["tag"]
+            (tmp / "checkpoints" / tag).mkdir(parents=True)
+            shutil.copy2(latest, tmp / "checkpoints" / "latest.json")
+            for f in sorted((self.dir / "checkpoints" / tag).glob("rank*.pt")):
+                state = torch.load(f, map_location="cpu", weights_only=False)
+                torch.save({"model": state["model"]}, tmp / "checkpoints" / tag / f.name)
+        shutil.rmtree(self.record, ignore_errors=True)
+        tmp.rename(self.record)
+
+    def restore_record(self) -> bool:
+        """Recreate a missing run directory from its record (e.g. on a new machine); True if done."""
+        if self.dir.exists() or not (self.record / "summary.json").exists():
+            return False
+        shutil.copytree(self.record, self.dir, ignore=shutil.ignore_patterns("load.json"))
+        if (self.record / "load.json").exists():
+            shutil.copy2(self.record / "load.json", self.load_file)
+        return True
+
     @property
     def load_file(self) -> Path:
         """Load-average samples taken while this run trained (kept beside its log)."""
@@ -122,6 +162,13 @@ class Job:
             fh.write(f"\n$ OMP_NUM_THREADS={threads} {' '.join(cmd)}\n")
             fh.flush()
             return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+
+def all_jobs(spec: dict, name: str) -> list[Job]:
+    """Every (row, seed) of a table, seed by seed: a table stopped halfway holds whole comparisons."""
+    seeds = sorted({s for row in spec["rows"] for s in row.get("seeds", spec["seeds"])})
+    return [Job(spec, name, row, seed) for seed in seeds for row in spec["rows"]
+            if seed in row.get("seeds", spec["seeds"])]
 
 
 def move_aside(job: Job, why: str) -> None:
@@ -158,9 +205,11 @@ class Sharing:
 
 def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharing: Sharing) -> tuple[dict, int, int]:
     """Run what is missing; return ({(label, seed): summary}, runs at a time, threads per process)."""
-    jobs = [Job(spec, name, row, seed) for row in spec["rows"] for seed in row.get("seeds", spec["seeds"])]
+    jobs = all_jobs(spec, name)
     todo = []
     for job in jobs:
+        if job.restore_record():
+            print(f"reproduce: restored {job.dir.relative_to(ROOT)} from {job.record.relative_to(ROOT)}", flush=True)
         why = "--fresh" if fresh and job.dir.exists() else (job.mismatch() if job.dir.exists() else None)
         if why:
             move_aside(job, why)
@@ -197,6 +246,7 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
                 tail = job.log.read_text().splitlines()[-15:]
                 sys.exit(f"reproduce: run {job.dir.name} failed (exit {proc.returncode}); last lines of "
                          f"{job.log}:\n" + "\n".join(tail))
+            job.save_record()
             bar.update(job.cost)
             bar.set_description(f"reproduce {name} ({len(queue) + len(running)} runs left)")
     bar.close()
@@ -208,6 +258,13 @@ def provenance(spec: dict, name: str, summaries: dict, elapsed_s: float, at_once
     infos = [json.loads((RUNS / name / run_dir_name(label, seed) / "run_info.json").read_text())
              for label, seed in summaries]
     commits = sorted({i["git_commit"] for i in infos})
+    machines: dict[str, int] = {}
+    for i in infos:
+        cpu = i.get("numerics", {}).get("cpu", {})
+        key = i.get("machine", "unknown") + (f", CPU family/model/stepping {cpu['family_model_stepping']}"
+                                             if cpu.get("family_model_stepping") else "")
+        machines[key] = machines.get(key, 0) + 1
+    dates = sorted(i.get("started", "unknown")[:10] for i in infos)
     data = sorted({(s.get("train_images"), s.get("eval_images"), s.get("eval_split", "test"))
                    for s in summaries.values()}, key=str)
     precision = sorted({str(i["config"]["run"].get("precision", "fp32")) for i in infos})
@@ -227,14 +284,19 @@ def provenance(spec: dict, name: str, summaries: dict, elapsed_s: float, at_once
     return [f"- command: `./run.sh reproduce {name}` (this invocation: {elapsed_s / 60:.1f} min; runs reused from "
             f"earlier invocations keep their own wall times)",
             f"- commit(s) of the runs: {', '.join(f'`{c}`' for c in commits)}",
-            f"- machine: {machine_description()}",
+            f"- machine(s) of the runs: " + "; ".join(
+                f"{m} ({n} run(s))" for m, n in sorted(machines.items())),
+            f"- run dates: {min(dates)} to {max(dates)}" + (
+                " (runs restored from results/run_records/ ran in earlier sessions, possibly on another "
+                "machine of the same kind)" if len(set(dates)) > 1 else ""),
+            f"- this invocation's machine: {machine_description()}",
             f"- cores shared: {layout or 'not recorded'}; other tables running "
             f"at the same time: {others}; load average (1 min) during the runs: "
             f"{min(loads):.1f}-{max(loads):.1f} (median {sorted(loads)[len(loads) // 2]:.1f}; 2 cores)",
             f"- data: " + "; ".join(f"{tr:,} training images, evaluated on {ev:,} {split} images"
                                     for tr, ev, split in data),
             f"- precision: {', '.join(precision)}",
-            f"- date: {dt.date.today().isoformat()}",
+            f"- table written: {dt.date.today().isoformat()}",
             f"- versions: torch {v['torch']}, torchvision {v['torchvision']}, horovod {v['horovod']}, "
             f"mpi4py {v['mpi4py']}",
             f"- table spec: `configs/reproduce/{name}.yaml`; configs: "
@@ -264,7 +326,9 @@ def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
 
 def finished_runs(spec: dict, name: str) -> dict:
     """Every run's summary, as the runs are (for --render-only); names any run that is missing."""
-    jobs = [Job(spec, name, row, seed) for row in spec["rows"] for seed in row.get("seeds", spec["seeds"])]
+    jobs = all_jobs(spec, name)
+    for job in jobs:
+        job.restore_record()
     missing = [j.dir.name for j in jobs if not j.finished]
     if missing:
         sys.exit(f"reproduce: --render-only needs every run finished; missing: {', '.join(missing)}")

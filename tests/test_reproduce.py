@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +86,47 @@ def test_a_run_is_reused_only_with_the_same_config_and_code(tmp_path, monkeypatc
     assert "modified or unknown tree" in job.mismatch()
     record(to_dict(job.config), first)  # the first commit had none of today's code
     assert "the code changed since its commit" in job.mismatch()
+
+
+def test_jobs_go_seed_by_seed():
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    order = [(j.seed, j.label) for j in reproduce.all_jobs(spec, "smoke")]
+    labels = [row["label"] for row in spec["rows"]]
+    assert order == [(seed, label) for seed in sorted(spec["seeds"]) for label in labels]
+
+
+def test_a_finished_run_survives_a_new_machine_through_its_record(tmp_path, monkeypatch):
+    """save_record keeps what the table needs (and, where asked, the model weights only);
+    on a checkout without the run directory, restore_record brings it back as a finished run."""
+    import torch
+
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    spec["rows"][0]["record_weights"] = True
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "RECORDS", tmp_path / "records")
+    job = reproduce.Job(spec, "smoke", spec["rows"][0], spec["seeds"][0])
+    assert job.keep_weights
+    (job.dir / "checkpoints" / "e0002-final").mkdir(parents=True)
+    (job.dir / "tb").mkdir()
+    (job.dir / "tb" / "events").write_text("e")
+    (job.dir / "summary.json").write_text(json.dumps({"final": {"output/acc": 0.5}}))
+    (job.dir / "checkpoints" / "latest.json").write_text(json.dumps({"tag": "e0002-final"}))
+    weights = {"w": torch.arange(4.0)}
+    torch.save({"model": weights, "optimizer": {"big": torch.zeros(1000)}},
+               job.dir / "checkpoints" / "e0002-final" / "rank0.pt")
+    job.load_file.write_text(json.dumps({"load": [1.0], "tables": [], "at_once": 1, "threads": 1}))
+    job.save_record()
+
+    assert (job.record / "tb" / "events").read_text() == "e" and (job.record / "load.json").exists()
+    kept = torch.load(job.record / "checkpoints" / "e0002-final" / "rank0.pt", weights_only=False)
+    assert set(kept) == {"model"} and torch.equal(kept["model"]["w"], weights["w"])
+
+    shutil.rmtree(job.dir)
+    job.load_file.unlink()
+    assert job.restore_record() and job.finished and job.load_file.exists()
+    assert not job.restore_record()  # an existing run directory is never overwritten
+    other = reproduce.Job(spec, "smoke", spec["rows"][0], spec["seeds"][1])
+    assert not other.keep_weights and not other.restore_record()  # no record: nothing to restore
 
 
 @pytest.mark.timeout(600)
