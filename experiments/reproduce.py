@@ -113,10 +113,13 @@ class Job:
 
     def save_record(self) -> None:
         """Copy what a finished run's table, figures and TensorBoard need into its record
-        (checkpoints left out: a few MB each; model weights only where `record_weights` asks)."""
+        (checkpoints and weight files left out: a few MB each; model weights only where
+        `record_weights` asks)."""
         tmp = self.record.with_name(self.record.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(self.dir, tmp, ignore=shutil.ignore_patterns("checkpoints"))
+        # Weights (checkpoints/, final_model.pt, ...) are a few MB a run: kept only where asked.
+        shutil.copytree(self.dir, tmp, ignore=shutil.ignore_patterns(
+            "checkpoints", *(() if self.keep_weights else ("*.pt",))))
         if self.load_file.exists():
             shutil.copy2(self.load_file, tmp / "load.json")
         latest = self.dir / "checkpoints" / "latest.json"

@@ -114,8 +114,16 @@ def test_a_finished_run_survives_a_new_machine_through_its_record(tmp_path, monk
     weights = {"w": torch.arange(4.0)}
     torch.save({"model": weights, "optimizer": {"big": torch.zeros(1000)}},
                job.dir / "checkpoints" / "e0002-final" / "rank0.pt")
+    torch.save(weights, job.dir / "final_model.pt")
     job.load_file.write_text(json.dumps({"load": [1.0], "tables": [], "at_once": 1, "threads": 1}))
     job.save_record()
+    other = reproduce.Job(spec, "smoke", spec["rows"][0], spec["seeds"][1])
+    shutil.copytree(job.dir, other.dir)
+    other.save_record()
+    assert (job.record / "final_model.pt").exists() and not (other.record / "final_model.pt").exists()
+    assert not (other.record / "checkpoints").exists() and (other.record / "summary.json").exists()
+    shutil.rmtree(other.record)
+    shutil.rmtree(other.dir)
 
     assert (job.record / "tb" / "events").read_text() == "e" and (job.record / "load.json").exists()
     kept = torch.load(job.record / "checkpoints" / "e0002-final" / "rank0.pt", weights_only=False)
@@ -125,7 +133,6 @@ def test_a_finished_run_survives_a_new_machine_through_its_record(tmp_path, monk
     job.load_file.unlink()
     assert job.restore_record() and job.finished and job.load_file.exists()
     assert not job.restore_record()  # an existing run directory is never overwritten
-    other = reproduce.Job(spec, "smoke", spec["rows"][0], spec["seeds"][1])
     assert not other.keep_weights and not other.restore_record()  # no record: nothing to restore
 
 
