@@ -117,9 +117,9 @@ class Job:
         `record_weights` asks)."""
         tmp = self.record.with_name(self.record.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        # Weights (checkpoints/, final_model.pt, ...) are a few MB a run: kept only where asked.
-        shutil.copytree(self.dir, tmp, ignore=shutil.ignore_patterns(
-            "checkpoints", *(() if self.keep_weights else ("*.pt",))))
+        # Weights (checkpoints/, final_model.pt, ...) are a few MB a run: only the last
+        # checkpoint's model weights are kept, and only where the spec asks.
+        shutil.copytree(self.dir, tmp, ignore=shutil.ignore_patterns("checkpoints", "*.pt"))
         if self.load_file.exists():
             shutil.copy2(self.load_file, tmp / "load.json")
         latest = self.dir / "checkpoints" / "latest.json"

@@ -120,7 +120,7 @@ def test_a_finished_run_survives_a_new_machine_through_its_record(tmp_path, monk
     other = reproduce.Job(spec, "smoke", spec["rows"][0], spec["seeds"][1])
     shutil.copytree(job.dir, other.dir)
     other.save_record()
-    assert (job.record / "final_model.pt").exists() and not (other.record / "final_model.pt").exists()
+    assert not (job.record / "final_model.pt").exists() and not (other.record / "final_model.pt").exists()
     assert not (other.record / "checkpoints").exists() and (other.record / "summary.json").exists()
     shutil.rmtree(other.record)
     shutil.rmtree(other.dir)
