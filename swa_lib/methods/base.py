@@ -25,6 +25,8 @@ from typing import ClassVar
 
 from torch import nn
 
+from swa_lib.schedules import base_lr_fn
+
 
 class PartialWorldResult(Exception):
     """A run that lost processes ended with a result computed by the survivors (SWAP phase 3).
@@ -88,8 +90,6 @@ class Strategy:
     def plan(self, world_size: int) -> None:
         """Make `lr` answer without data, model or processes (--dry-run), built by the same
         functions as in `setup`, so the printed schedule is the one the loop will run."""
-        from swa_lib.schedules import base_lr_fn  # late: schedules imports config, which imports methods
-
         self.ctx = SimpleNamespace(lr_fn=base_lr_fn(self.cfg, world_size))
 
     def planned_phase(self, epoch: int) -> str:

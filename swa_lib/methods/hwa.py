@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 
 from swa_lib.averaging import bn_buffers, update_bn_
-from swa_lib.config import ConfigError
+from swa_lib.errors import ConfigError
 from swa_lib.methods.base import DataShard, Strategy
 from swa_lib.schedules import base_lr_fn
 

@@ -24,6 +24,7 @@ from typing import ClassVar
 
 from swa_lib.methods.base import Strategy
 from swa_lib.methods.lawa_ema import EMA, LAWA
+from swa_lib.sections import from_dict
 
 BN_MODES = ("average", "recompute")
 BUFFER_DEVICES = ("device", "cpu")
@@ -96,8 +97,6 @@ class AveragesConfig:
 
     def entries(self, problems: list[str] | None = None) -> list:
         """The typed LAWAConfig/EMAConfig of every entry (type errors go to `problems`)."""
-        from swa_lib.config import from_dict  # late: config imports the method registry
-
         problems = [] if problems is None else problems
         out = []
         for key, cls in (("lawa", LAWAConfig), ("ema", EMAConfig)):

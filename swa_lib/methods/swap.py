@@ -55,7 +55,7 @@ import torch
 from swa_lib.averaging import update_bn_
 from swa_lib.checkpoint import atomic_torch_save, atomic_write_text
 from swa_lib.comm import average_model_
-from swa_lib.config import ScheduleConfig, SCHEDULES
+from swa_lib.sections import SCHEDULES, ScheduleConfig
 from swa_lib.methods.base import DataShard, PartialWorldResult, Strategy
 from swa_lib.schedules import build_lr_fn, peak_lr
 

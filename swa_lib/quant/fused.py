@@ -30,8 +30,8 @@ from typing import Optional
 
 import torch
 
-from .number import BlockFloat
-from .quantize import _COMPUTE_DTYPE, _FLOAT_LAYOUT, NOISE_BITS, _exact_pow2
+from swa_lib.quant.bits import COMPUTE_DTYPE, FLOAT_LAYOUT, NOISE_BITS, exact_pow2
+from swa_lib.quant.number import BlockFloat
 
 _MIX_MULTIPLIER = 0x45D9F3B  # < 2^27; int32 products wrap modulo 2^32
 _SEED_BOUND = (1 << 31) - 1
@@ -77,7 +77,7 @@ def _floor_log2(m: torch.Tensor):
     float64 frexp (an int32 exponent next to float64 lanes). Subnormals are first scaled
     by 2^64 (exact) into the normal range.
     """
-    mantissa_bits, bias, int_dtype = _FLOAT_LAYOUT[m.dtype]
+    mantissa_bits, bias, int_dtype = FLOAT_LAYOUT[m.dtype]
     subnormal = m < 2.0 ** (1 - bias)
     bits = torch.where(subnormal, m * 2.0 ** 64, m).view(int_dtype)
     e = (bits >> mantissa_bits) - bias - subnormal.to(int_dtype) * 64
@@ -99,7 +99,7 @@ def _block_scales(rows: torch.Tensor, word_length: int, one_block: bool):
     torch.compile(dynamic=True), so one compiled kernel serves every word length.
     """
     dtype = rows.dtype
-    bias = _FLOAT_LAYOUT[dtype][1]
+    bias = FLOAT_LAYOUT[dtype][1]
     dims = (0, 1) if one_block else 1
     lo, hi = rows.amin(dim=dims, keepdim=True), rows.amax(dim=dims, keepdim=True)
     max_abs = torch.maximum(hi, -lo)
@@ -109,8 +109,8 @@ def _block_scales(rows: torch.Tensor, word_length: int, one_block: bool):
     lowest_exp = 2 - bias
     shift_exp = (lowest_exp - step_exp).clamp(min=0) - (step_exp + lowest_exp).clamp(min=0)
     step_exp = step_exp + shift_exp
-    return (_exact_pow2(shift_exp, dtype), _exact_pow2(-step_exp, dtype),
-            _exact_pow2(step_exp, dtype), _exact_pow2(-shift_exp, dtype),
+    return (exact_pow2(shift_exp, dtype), exact_pow2(-step_exp, dtype),
+            exact_pow2(step_exp, dtype), exact_pow2(-shift_exp, dtype),
             torch.isfinite(max_abs).all())
 
 
@@ -181,7 +181,7 @@ def quantize_fused(x: torch.Tensor, fmt: BlockFloat, generator: Optional[torch.G
     # still one contiguous row, and the result keeps that layout.
     channels_last = (x.dim() == 4 and not x.is_contiguous()
                      and x.is_contiguous(memory_format=torch.channels_last))
-    compute = x.to(_COMPUTE_DTYPE[x.dtype])
+    compute = x.to(COMPUTE_DTYPE[x.dtype])
     if channels_last:
         compute = compute.permute(0, 2, 3, 1)
     rows = compute.reshape(x.shape[0] if x.dim() >= 2 else 1, -1).detach()
