@@ -32,7 +32,7 @@ import torch
 
 from swa_lib.averaging import bn_buffers, update_bn_
 from swa_lib.errors import ConfigError
-from swa_lib.methods.base import DataShard, Strategy
+from swa_lib.methods.base import DataShard, EvalTarget, Strategy
 from swa_lib.schedules import base_lr_fn
 
 MOMENTUM_MODES = ("average", "keep", "reset")
@@ -218,9 +218,6 @@ class HWA(Strategy):
     def setup(self, ctx) -> None:
         super().setup(ctx)
         m, comm = self.cfg.method, ctx.comm
-        problems = m.validate_world(comm.size)  # the entry point checked already; direct users too
-        if problems:
-            raise ConfigError(problems)
         self.averager = HWAAverager(comm, ctx.model, ctx.optimizer, groups=m.groups,
                                     sync_period_steps=m.sync_period_steps, window_cycles=m.window_cycles,
                                     average_buffers=m.average_buffers, momentum=m.momentum)
@@ -300,9 +297,10 @@ class HWA(Strategy):
             targets["online"] = (self.online, self.window[-1])
         for model, flat in targets.values():
             load_flat_parameters_(model, flat)
-            self.ctx.update_bn(model)  # exact over this group's processes
-            self.averager.combine_bn_(model)  # then over the world: the same model everywhere
-        return {name: model for name, (model, _) in targets.items()}
+        # BN recomputed by the loop, exact over this group's processes, then averaged over the
+        # world (as HWAAverager.combine_bn_ does): the same model everywhere.
+        world = self.ctx.comm.world if self.cfg.method.groups > 1 else None
+        return {name: EvalTarget(model, recompute_bn=True, bn_also_over=world) for name, (model, _) in targets.items()}
 
     def state_dict(self) -> dict:
         return self.averager.state_dict()

@@ -13,7 +13,7 @@ copy of the network; before every evaluation the training model's full state is 
 into it (so non-averaged buffers are current) and the averaged tensors are written over
 it. The training model, its optimizer and the RNG streams are never touched. With
 `bn: recompute` only parameters are averaged and the copy's BN statistics are recomputed
-over training data (ctx.update_bn); with `bn: average` the BN running statistics are
+over training data (the loop does it: EvalTarget.recompute_bn); with `bn: average` the BN running statistics are
 averaged like parameters, which costs no extra pass over the data.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from swa_lib.methods.base import Strategy
+from swa_lib.methods.base import EvalTarget, Strategy
 from swa_lib.methods.lawa_ema import EMA, LAWA
 from swa_lib.sections import from_dict
 
@@ -176,9 +176,7 @@ class WeightAverages(Strategy):
             model = self.eval_models[name]
             model.load_state_dict(self.ctx.model.state_dict())  # non-averaged state, e.g. num_batches_tracked
             average.copy_to(model)
-            if self.recompute_bn:
-                self.ctx.update_bn(model)
-            targets[name] = model
+            targets[name] = EvalTarget(model, recompute_bn=self.recompute_bn)
         return targets
 
     def state_dict(self) -> dict:
