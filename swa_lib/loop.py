@@ -26,9 +26,9 @@ import contextlib
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -42,9 +42,10 @@ from swa_lib.errors import ConfigError
 from swa_lib.methods.base import EvalTarget
 from swa_lib.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals
 from swa_lib.schedules import base_lr_fn, lr_position
+from swa_lib.timing import PhaseTimer
 
 __all__ = ["Trainer", "TrainContext", "PhaseTimer", "pick_device", "NonFiniteLossError", "Preempted",
-           "PREEMPTED_EXIT_CODE"]  # the last two live in swa_lib.preemption
+           "PREEMPTED_EXIT_CODE"]  # PhaseTimer lives in swa_lib.timing, the last two in swa_lib.preemption
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,28 +70,6 @@ class TrainContext:
     timer: object = None  # the loop's PhaseTimer: methods time work they do outside train steps (SWAP phase 3)
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
-
-
-@dataclass
-class PhaseTimer:
-    """Wall seconds per named phase (train, eval, bn_update, checkpoint, and method phases)."""
-
-    device: torch.device
-    totals: dict = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def pick_device(cfg, comm) -> torch.device:
