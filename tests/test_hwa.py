@@ -50,7 +50,8 @@ def test_one_group_is_a_sliding_window_average_of_plain_sgd(tmp_path):
     # Offline averaging never feeds back: the training model is SGD's, bit for bit.
     assert torch.equal(flat_parameters(hwa.ctx.model), flat_parameters(sgd.ctx.model))
     assert hwa.strategy.cycles == len(snapshots) == 6
-    assert all(torch.equal(a, b) for a, b in zip(hwa.strategy.window, snapshots[-3:]))
+    assert len(hwa.strategy.window) == 3
+    assert all(torch.equal(a, b) for a, b in zip(hwa.strategy.window, snapshots[-3:], strict=True))
     hand = torch.stack(snapshots[-3:]).double().mean(0).float()
     assert torch.allclose(flat_parameters(hwa.strategy.average), hand, rtol=0, atol=1e-7)
     assert summary["output_name"] == "hwa" and summary["final"]["output/acc"] == summary["final"]["hwa/acc"]
