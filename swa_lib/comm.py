@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from swa_lib.averaging.flat import averaged_tensors
 from swa_lib.launch import BACKENDS, LaunchInfo, detect_launch, resolve_backend
 
 __all__ = ["BACKENDS", "LaunchInfo", "detect_launch", "resolve_backend", "init_comm", "Communicator", "Group",
@@ -361,10 +362,7 @@ def average_model_(comm: Communicator, model: nn.Module, group: Group | None = N
     """Replace `model`'s parameters (and floating-point buffers) by their mean over `group`.
 
     Integer buffers such as BatchNorm's num_batches_tracked are left alone. One coalesced call."""
-    tensors = [p.detach() for p in model.parameters()]
-    if buffers:
-        tensors += [b for b in model.buffers() if b.is_floating_point()]
-    comm.allreduce_(tensors, "mean", group)  # Distributed: one allreduce for the whole model
+    comm.allreduce_(averaged_tensors(model, buffers), "mean", group)  # Distributed: one allreduce, whole model
 
 
 def allreduce_gradients_(comm: Communicator, model: nn.Module, group: Group | None = None) -> None:

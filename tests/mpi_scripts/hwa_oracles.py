@@ -28,7 +28,7 @@ from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import load_config
 from swa_lib.methods import DataShard
-from swa_lib.methods.hwa import flat_parameters
+from swa_lib.averaging import flat_parameters
 
 PERIOD, WINDOW, EPOCHS, MODEL_BATCH = 3, 3, 2, 32  # 384 images / 32 = 12 steps per epoch, 8 cycles
 data.load_dataset = functools.lru_cache(data.load_dataset)  # six trainers here read the same arrays
