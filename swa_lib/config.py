@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable
+from collections.abc import Iterable
 
 import yaml
 

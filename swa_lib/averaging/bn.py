@@ -12,7 +12,7 @@ process would get from update_bn over the union of the shards.
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -26,7 +26,7 @@ unbiasedness of the rounding and the balance of every noise bit.
 
 import functools
 import math
-from typing import Optional
+
 
 import torch
 
@@ -52,15 +52,15 @@ def _counter_bits(numel: int, seed: torch.Tensor, device) -> torch.Tensor:
     return _mix32(_mix32(index) ^ seed) & ((1 << NOISE_BITS) - 1)
 
 
-def draw_seed(generator: Optional[torch.Generator], device) -> torch.Tensor:
+def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
     """The per-call seed: a 0-d int32 tensor on `device`, drawn from `generator` (or the
     device's default generator). No host sync."""
     return torch.randint(0, _SEED_BOUND, (), generator=generator, device=device,
                          dtype=torch.int32)
 
 
-def fused_rounding_bits(shape, generator: Optional[torch.Generator] = None,
-                        device: Optional[torch.device] = None) -> torch.Tensor:
+def fused_rounding_bits(shape, generator: torch.Generator | None = None,
+                        device: torch.device | None = None) -> torch.Tensor:
     """The stochastic-rounding noise of `quantize(..., fused=True)` for a tensor of
     `shape`: uniform integers in [0, 2^24), int32, row-major. Draws one seed from
     `generator`, as quantize does, so tests can replay exactly the noise of a call."""
@@ -116,7 +116,7 @@ def _block_scales(rows: torch.Tensor, word_length: int, one_block: bool):
 
 def _round_scaled(rows: torch.Tensor, pre: torch.Tensor, inv_step: torch.Tensor,
                   step: torch.Tensor, post: torch.Tensor, int_max: int,
-                  seed: Optional[torch.Tensor]) -> torch.Tensor:
+                  seed: torch.Tensor | None) -> torch.Tensor:
     """The elementwise rounding, with the eager quantize's arithmetic: v = x * pre *
     inv_step (exact), floor, the rounding decision (`seed` None: nearest, half up),
     clamp to [-int_max - 1, int_max], back to x's units. int_max is passed in rather than
@@ -161,7 +161,7 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def quantize_fused(x: torch.Tensor, fmt: BlockFloat, generator: Optional[torch.Generator],
+def quantize_fused(x: torch.Tensor, fmt: BlockFloat, generator: torch.Generator | None,
                    compiled: bool = True) -> torch.Tensor:
     """Body of quantize(x, fmt, generator, fused=True); x is a non-empty float tensor.
 

@@ -35,7 +35,7 @@ Where this differs from the official SWALP quantizer (`models/quantizer.py`):
 """
 
 import math
-from typing import Optional
+
 
 import torch
 
@@ -63,8 +63,8 @@ def _block_exponent(x: torch.Tensor, fmt: BlockFloat):
 
 
 
-def rounding_bits(shape, generator: Optional[torch.Generator] = None,
-                  device: Optional[torch.device] = None) -> torch.Tensor:
+def rounding_bits(shape, generator: torch.Generator | None = None,
+                  device: torch.device | None = None) -> torch.Tensor:
     """The stochastic-rounding noise of `quantize`: uniform integers in [0, 2^24), int32.
 
     Drawn as ceil(n / 2) int64 `random_` words from `generator` on `device`, each split
@@ -76,8 +76,8 @@ def rounding_bits(shape, generator: Optional[torch.Generator] = None,
     return words.view(torch.int32)[:n].bitwise_and_((1 << NOISE_BITS) - 1).reshape(shape)
 
 
-def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
-             generator: Optional[torch.Generator] = None, fused: bool = False) -> torch.Tensor:
+def quantize(x: torch.Tensor, fmt: BlockFloat | None,
+             generator: torch.Generator | None = None, fused: bool = False) -> torch.Tensor:
     """Round x onto the block-floating-point grid of `fmt`; returns a new tensor.
 
     Args:
