@@ -118,7 +118,7 @@ def main(argv=None, description: str = "Train with weight averaging.", default_m
         if not trainer.strategy.isolated:
             comm.shutdown()
         return PREEMPTED_EXIT_CODE
-    except Exception as err:  # noqa: BLE001 - the top level reports every failure the same way
+    except Exception as err:  # the top level reports every failure the same way
         # A ConfigError here came from a check that needs the world size (e.g. HWA's groups
         # must divide it); it is raised before training, so it is a bad config too: exit 2.
         code = 2 if isinstance(err, ConfigError) else 1

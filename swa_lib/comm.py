@@ -327,8 +327,8 @@ def init_comm(backend: str = "auto") -> Communicator:
     name = resolve_backend(backend, launch)
     if launch.launcher not in (None, "torchrun", "horovodrun"):
         # A rank waiting in MPI spins on a core unless told to yield; with the cores already
-        # given to compute threads (below) it steals them from peers. On 2 shared cores a 1 MB
-        # mpi4py allreduce took 15 ms spinning, 0.4 ms yielding (median). Read at MPI_Init.
+        # given to compute threads (below) it steals them from peers (the cost on 2 shared cores:
+        # results/allreduce_cpu.md, "Spinning or yielding"). Read at MPI_Init.
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     if name == "horovod":
         gloo = launch.launcher == "horovodrun"  # horovodrun --gloo: no MPI job to join

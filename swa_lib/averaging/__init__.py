@@ -8,8 +8,10 @@
     hwa.py         HWAAverager: HWA's online average over K groups and its offline window
 
 SWA's running mean is torch.optim.swa_utils.AveragedModel itself (swa_lib.methods.swa). LAWA's
-ring and HWA's window must drop their oldest snapshot, which AveragedModel cannot; EMA keeps one
-flat vector so that the same object also serves the asynchronous pinned-CPU path (see lawa_ema.py).
+ring and HWA's window must drop their oldest snapshot, which AveragedModel's running mean cannot.
+EMA could be AveragedModel with get_ema_multi_avg_fn on the device, but not with its buffers in
+pinned host memory filled asynchronously (buffer_device="cpu"), so it stays one flat-vector object
+for both paths (its update costs about what AveragedModel's does: results/averaging_overhead_cpu.md).
 """
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ whole-vector operations whatever the model. LAWA keeps a ring buffer of L flat s
 an update overwrites the oldest slot, a single O(params) copy. Its mean is computed only
 when asked for (once per evaluation) from the L snapshots in float64, rounded once to the
 model's dtype: exact, and O(L x params) but only per evaluation. A running float64 sum
-would make that read O(params) but cost three extra float64 passes per update (measured
-on this CPU: about 10-20x the copy itself) and accumulate rounding; updates are far more
-frequent than reads, so we recompute.
+would make that read O(params) but cost three extra float64 passes per update, each larger
+than the copy itself, and accumulate rounding; updates are far more frequent than reads, so
+we recompute (update costs: results/averaging_overhead_cpu.md).
 
 Buffers on the CPU (`buffer_device="cpu"`) while the model is on a GPU: the snapshot is
 first copied on the GPU into a staging vector (a device-to-device copy on the compute

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import torch
 
-torch.set_num_threads(1)  # part of the numerics fingerprint: one thread everywhere
+import tiny_models  # noqa: F401 - registers the tiny test models
+from guard_digest import digest
 
-import tiny_models  # noqa: E402,F401 - registers the tiny test models
-from guard_digest import digest  # noqa: E402
-
-from swa_lib.cli import build_trainer  # noqa: E402
-from swa_lib.comm import init_comm  # noqa: E402
-from swa_lib.config import load_config  # noqa: E402
-from swa_lib.run_log import numerics_record  # noqa: E402
+from swa_lib.cli import build_trainer
+from swa_lib.comm import init_comm
+from swa_lib.config import load_config
+from swa_lib.run_log import numerics_record
 
 # 96 images / batch 16 = 6 steps per epoch (3 per process with 2 processes), 3 epochs.
 COMMON = ["data.dataset=cifar10_jpg", "data.train_subset=96", "data.test_subset=50", "model.name=tiny_cnn_bn",
@@ -43,6 +41,7 @@ METHODS = {
 
 
 def main(method: str, out: Path) -> None:
+    torch.set_num_threads(1)  # part of the numerics fingerprint: one thread everywhere
     extra, backend = METHODS[method]
     cfg = load_config(None, COMMON + extra + [f"dist.backend={backend}"])
     comm = init_comm(cfg.dist.backend)
