@@ -1,7 +1,8 @@
 """swa_lib's modules import each other without a cycle, counting imports inside functions too.
 
 An import inside a function can hide a cycle (it runs only after both modules are loaded), so
-every `import` / `from ... import` anywhere in a module's syntax tree is an edge here.
+every `import` / `from ... import` anywhere in a module's syntax tree is an edge here, and so is
+the implicit import of every package __init__ on the way to the imported module.
 """
 import ast
 from pathlib import Path
@@ -47,6 +48,13 @@ def imported_modules(path: Path, modules: set[str]) -> set[str]:
                 target = target.rpartition(".")[0]
             if target and target != name:
                 found.add(target)
+            # Importing a.b.c first runs a/__init__ and a/b/__init__: edges too, except to the
+            # packages that hold this module (they are already running when it is imported).
+            own = {name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)}
+            while "." in target:
+                target = target.rpartition(".")[0]
+                if target in modules and target not in own and target != name:
+                    found.add(target)
     return found
 
 

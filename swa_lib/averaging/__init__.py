@@ -6,6 +6,8 @@
     evaluation.py  evaluate: test loss and accuracy of one model, over a group (the one eval loop)
     lawa_ema.py    LAWA (ring of the last L snapshots) and EMA, with optional async pinned-CPU buffers
     hwa.py         HWAAverager: HWA's online average over K groups and its offline window
+    swap.py        swap_average_: SWAP's phase 3 (world average, BN recomputed over every process);
+                   import it from there or swa_lib.methods (it needs swa_lib.comm, which needs flat.py)
 
 SWA's running mean is torch.optim.swa_utils.AveragedModel itself (swa_lib.methods.swa). LAWA's
 ring and HWA's window must drop their oldest snapshot, which AveragedModel's running mean cannot.

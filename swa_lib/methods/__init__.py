@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from swa_lib.averaging.hwa import HWAAverager
 from swa_lib.averaging.lawa_ema import EMA, LAWA
+from swa_lib.averaging.swap import swap_average_
 from swa_lib.methods.base import DataShard, EvalTarget, SGDConfig, Strategy
 from swa_lib.methods.hwa import HWA, HWAConfig
 from swa_lib.methods.lawa_ema import AveragesConfig, EMAConfig, LAWAConfig, WeightAverages
 from swa_lib.methods.swa import SWA, SWAConfig
 from swa_lib.methods.swalp import SWALP, SWALPConfig
-from swa_lib.methods.swap import SWAP, SWAPConfig, swap_average_
+from swa_lib.methods.swap import SWAP, SWAPConfig
 
 _REGISTRY: dict[str, tuple[type, type]] = {}
 

@@ -14,7 +14,6 @@ import torch
 
 import tiny_models  # noqa: F401 - registers the tiny test models
 from guard_digest import digest
-
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import load_config
