@@ -34,7 +34,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from swa_lib.methods.lawa_ema import EMA, LAWA  # noqa: E402
+from swa_lib.averaging import EMA, LAWA  # noqa: E402
 from swa_lib.run_log import git_commit, machine_description  # noqa: E402
 
 

@@ -6,7 +6,7 @@ import lzma
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError

@@ -4,7 +4,7 @@
 
 LAWA: the mean of the last L snapshots, one every nu steps. EMA: an exponential moving
 average updated every nu steps. Both keep one flat vector (not torch's AveragedModel: an
-update is one copy or one lerp; see swa_lib/methods/lawa_ema.py), and are read into a
+update is one copy or one lerp; see swa_lib/averaging/lawa_ema.py), and are read into a
 copy of the model for evaluation.
 An API demo on a small real subset (see examples/common.py), not an accuracy claim.
 """

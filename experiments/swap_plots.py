@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E402
 
 from experiments.tables import mean_std  # noqa: E402
-from swa_lib.averaging import update_bn_  # noqa: E402
+from swa_lib.averaging import evaluate, update_bn_  # noqa: E402
 from swa_lib.config import load_config  # noqa: E402
 from swa_lib.methods.base import DataShard  # noqa: E402
 from swa_lib.workload import Workload  # noqa: E402
@@ -69,14 +69,9 @@ def accuracy_vs_time(spec, summaries, run_base, results_dir, seed=None):
     return [("Test accuracy against wall time: SB, LB, and SWAP's phases (one seed)", path)]
 
 
-@torch.no_grad()
 def _test_error(model, loader) -> float:
-    model.eval()
-    wrong = total = 0
-    for x, y in loader:
-        wrong += (model(x).argmax(1) != y).sum().item()
-        total += len(y)
-    return 100 * wrong / total
+    """Test error in percent (swa_lib.averaging.evaluate, the loop's own evaluation, on the CPU)."""
+    return 100 * (1 - evaluate(model, loader, torch.device("cpu"))["acc"])
 
 
 def error_plane(spec, summaries, run_base, results_dir, seed=None, grid=7, margin=0.35, test_images=1000,

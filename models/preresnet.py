@@ -7,13 +7,11 @@ a stage-changing block projects its shortcut with a bare 1x1 conv applied to the
 block's raw input, and a final BN-ReLU precedes global average pooling.
 """
 
-from typing import Type, Union
-
 import torch
 import torch.nn as nn
 
-from .init import kaiming_fan_out_
-from .registry import register
+from models.init import kaiming_fan_out_
+from models.registry import register
 
 
 class PreActBasicBlock(nn.Module):
@@ -67,7 +65,7 @@ def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
 
-Block = Union[Type[PreActBasicBlock], Type[PreActBottleneck]]
+Block = type[PreActBasicBlock] | type[PreActBottleneck]
 
 
 class PreResNet(nn.Module):

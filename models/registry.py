@@ -1,12 +1,12 @@
 """Name -> constructor registry, so configs can name a model as a string."""
 
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import torch.nn as nn
 
 ModelBuilder = Callable[..., nn.Module]
 
-_BUILDERS: Dict[str, ModelBuilder] = {}
+_BUILDERS: dict[str, ModelBuilder] = {}
 
 
 def register(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -27,7 +27,7 @@ def register(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     return decorate
 
 
-def available_models() -> List[str]:
+def available_models() -> list[str]:
     """Return the registered model names, sorted."""
     return sorted(_BUILDERS)
 

@@ -8,7 +8,7 @@ Shape: prep conv(w) -> conv(2w)+pool + residual(2 x conv(2w)) -> conv(4w)+pool
 import torch
 import torch.nn as nn
 
-from .registry import register
+from models.registry import register
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:

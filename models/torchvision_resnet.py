@@ -9,7 +9,7 @@ and bias 0.
 import torch.nn as nn
 import torchvision
 
-from .registry import register
+from models.registry import register
 
 
 def _build(arch: str, num_classes: int, small_input: bool, zero_init_residual: bool) -> nn.Module:

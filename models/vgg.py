@@ -6,15 +6,13 @@ Dropout-Linear(512,512)-ReLU-Dropout-Linear(512,512)-ReLU-Linear(512,num_classes
 SWALP's VGG16 results (SPEC section 2) are for the variant without BN.
 """
 
-from typing import List, Union
-
 import torch
 import torch.nn as nn
 
-from .registry import register
+from models.registry import register
 
 # Conv output channels; "M" is a 2x2 max pool.
-VGG16_LAYOUT: List[Union[int, str]] = [
+VGG16_LAYOUT: list[int | str] = [
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
     512, 512, 512, "M", 512, 512, 512, "M",
 ]
@@ -34,10 +32,10 @@ class VGG(nn.Module):
     The features end at 1x1 only for 32x32 inputs, which this network is meant for.
     """
 
-    def __init__(self, num_classes: int, layout: List[Union[int, str]] = VGG16_LAYOUT,
+    def __init__(self, num_classes: int, layout: list[int | str] = VGG16_LAYOUT,
                  batch_norm: bool = False, dropout: float = 0.5):
         super().__init__()
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         in_channels = 3
         for item in layout:
             if item == "M":

@@ -15,8 +15,8 @@ PyTorch's convention weights new batches at 90%).
 import torch
 import torch.nn as nn
 
-from .init import kaiming_fan_out_
-from .registry import register
+from models.init import kaiming_fan_out_
+from models.registry import register
 
 
 class WideBasicBlock(nn.Module):

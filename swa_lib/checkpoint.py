@@ -181,7 +181,7 @@ class CheckpointManager:
         path = self.directory / tag / f"rank{self.comm.rank}.pt"
         try:
             state = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
+        except Exception as err:  # any unpickling failure means the same thing
             raise RuntimeError(f"checkpoint {path} cannot be read ({err}); delete it and "
                                f"point {self.directory / 'latest.json'} at an older generation") from None
         if state.get("format_version") != FORMAT_VERSION:

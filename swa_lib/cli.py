@@ -21,9 +21,9 @@ import traceback
 from pathlib import Path
 
 from swa_lib.checkpoint import check_resumable
-from swa_lib.config import ConfigError, config_hash, load_config, run_identity
-from swa_lib.loop import PREEMPTED_EXIT_CODE, Preempted
-from swa_lib.methods.base import PartialWorldResult
+from swa_lib.config import config_hash, load_config, run_identity, validate_world
+from swa_lib.errors import ConfigError
+from swa_lib.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
 def parse_args(argv, description: str):
@@ -84,7 +84,7 @@ def main(argv=None, description: str = "Train with weight averaging.", default_m
 
         comm = init_comm(cfg.dist.backend)
         # Checks that need the world size (e.g. a worker count must divide it): same verdict on every rank.
-        problems = getattr(cfg.method, "validate_world", lambda size: [])(comm.size)
+        problems = validate_world(cfg, comm.size)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, args.config)
         if cfg.run.resume:  # before anything is written: a refused resume leaves the run directory alone
             problems += check_resumable(run_dir / "checkpoints", run_identity(cfg), comm.size)
@@ -96,6 +96,10 @@ def main(argv=None, description: str = "Train with weight averaging.", default_m
         trainer = build_trainer(cfg, comm, run_dir)
         summary = trainer.fit()
         trainer.logger.close()
+        if "partial_world" in summary:
+            # Peers are dead (SWAP's survivors): a world-wide shutdown would wait on them forever.
+            print(f"rank {comm.rank}: {summary['partial_world']}", flush=True)
+            os._exit(0)
         if "stopped_at_epoch" in summary:
             if comm.rank == 0:
                 print(f"paused after epoch {summary['stopped_at_epoch']} (run.stop_after_epochs); "
@@ -114,12 +118,7 @@ def main(argv=None, description: str = "Train with weight averaging.", default_m
         if not trainer.strategy.isolated:
             comm.shutdown()
         return PREEMPTED_EXIT_CODE
-    except PartialWorldResult as result:
-        # Peers are dead: a world-wide shutdown would wait on them forever, so leave at once.
-        trainer.logger.close()  # only fit() raises this, so the trainer exists
-        print(f"rank {comm.rank}: {result}", flush=True)
-        os._exit(0)
-    except Exception as err:  # noqa: BLE001 - the top level reports every failure the same way
+    except Exception as err:  # the top level reports every failure the same way
         # A ConfigError here came from a check that needs the world size (e.g. HWA's groups
         # must divide it); it is raised before training, so it is a bad config too: exit 2.
         code = 2 if isinstance(err, ConfigError) else 1

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-BACKENDS, REDUCE_OPS = ("auto", "horovod", "torch", "single"), ("mean", "sum", "max")
+from swa_lib.averaging.flat import averaged_tensors
+from swa_lib.launch import BACKENDS, LaunchInfo, detect_launch, resolve_backend
+
+__all__ = ["BACKENDS", "LaunchInfo", "detect_launch", "resolve_backend", "init_comm", "Communicator", "Group",
+           "SingleProcess", "average_model_", "allreduce_gradients_"]  # the first four live in swa_lib.launch
+
+REDUCE_OPS = ("mean", "sum", "max")
 # A dead peer normally ends the job through the launcher; this bounds the wait when it does not.
 TIMEOUT_S = float(os.environ.get("SWA_COMM_TIMEOUT_S", "600"))
 
@@ -36,38 +42,6 @@ class Group:
     size: int
     handle: object = field(default=None, compare=False, repr=False)    # ProcessSet / ProcessGroup / None
     mpi_comm: object = field(default=None, compare=False, repr=False)  # Horovod backend, members only
-
-
-@dataclass(frozen=True)
-class LaunchInfo:
-    """What the launcher's environment says about this process (None where it says nothing)."""
-    launcher: str | None  # "torchrun", "horovodrun" (--gloo), "mpirun", "pmi", "pmix", "srun" or None
-    rank: int | None = None
-    size: int | None = None
-    local_rank: int | None = None
-    local_size: int | None = None
-
-
-def detect_launch(env=None) -> LaunchInfo:
-    """Read rank and size from torchrun, horovodrun --gloo, Open MPI, PMI (MPICH, Intel MPI), PMIx or
-    Slurm srun variables. horovodrun with MPI (its default) starts the ranks through mpirun."""
-    env = os.environ if env is None else env
-    num = lambda key: int(env[key]) if key and env.get(key, "").strip().isdigit() else None  # noqa: E731
-    if "TORCHELASTIC_RUN_ID" in env or {"RANK", "WORLD_SIZE", "LOCAL_RANK"} <= env.keys():
-        return LaunchInfo("torchrun", *map(num, ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")))
-    table = [("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE"),
-             ("mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-              "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-             ("pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-             ("pmix", "PMIX_RANK", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
-             # SLURM_STEP_NUM_TASKS is set by srun, not in a batch script's own shell. Tasks per
-             # node is a plain number only when every node runs as many ("2(x3)" reads as None).
-             ("srun", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE")]
-    for launcher, rank_key, size_key, local_rank_key, local_size_key in table:
-        if rank_key in env:
-            rank = num("SLURM_PROCID" if launcher == "srun" else rank_key)
-            return LaunchInfo(launcher, rank, num(size_key), num(local_rank_key), num(local_size_key))
-    return LaunchInfo(None)
 
 
 class Communicator:
@@ -337,23 +311,6 @@ class TorchDistributed(Communicator):
         self.dist.destroy_process_group()
 
 
-def _resolve_backend(backend: str, launch: LaunchInfo) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"communication backend {backend!r} is not one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    chosen = os.environ.get("SWA_COMM_BACKEND")
-    if chosen and chosen not in BACKENDS[1:]:
-        raise ValueError(f"SWA_COMM_BACKEND={chosen!r} is not one of {BACKENDS[1:]}")
-    if chosen:
-        return chosen
-    if launch.launcher == "torchrun":
-        return "torch"
-    if launch.launcher is not None and (launch.size is None or launch.size > 1):
-        return "horovod"
-    return "single"
-
-
 def init_comm(backend: str = "auto") -> Communicator:
     """Start the communication backend and return its `Communicator`.
 
@@ -367,11 +324,11 @@ def init_comm(backend: str = "auto") -> Communicator:
     since ranks on one host otherwise oversubscribe it.
     """
     launch = detect_launch()
-    name = _resolve_backend(backend, launch)
+    name = resolve_backend(backend, launch)
     if launch.launcher not in (None, "torchrun", "horovodrun"):
         # A rank waiting in MPI spins on a core unless told to yield; with the cores already
-        # given to compute threads (below) it steals them from peers. On 2 shared cores a 1 MB
-        # mpi4py allreduce took 15 ms spinning, 0.4 ms yielding (median). Read at MPI_Init.
+        # given to compute threads (below) it steals them from peers (the cost on 2 shared cores:
+        # results/allreduce_cpu.md, "Spinning or yielding"). Read at MPI_Init.
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     if name == "horovod":
         gloo = launch.launcher == "horovodrun"  # horovodrun --gloo: no MPI job to join
@@ -405,10 +362,7 @@ def average_model_(comm: Communicator, model: nn.Module, group: Group | None = N
     """Replace `model`'s parameters (and floating-point buffers) by their mean over `group`.
 
     Integer buffers such as BatchNorm's num_batches_tracked are left alone. One coalesced call."""
-    tensors = [p.detach() for p in model.parameters()]
-    if buffers:
-        tensors += [b for b in model.buffers() if b.is_floating_point()]
-    comm.allreduce_(tensors, "mean", group)  # Distributed: one allreduce for the whole model
+    comm.allreduce_(averaged_tensors(model, buffers), "mean", group)  # Distributed: one allreduce, whole model
 
 
 def allreduce_gradients_(comm: Communicator, model: nn.Module, group: Group | None = None) -> None:

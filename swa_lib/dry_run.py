@@ -18,7 +18,8 @@ import sys
 import yaml
 
 from swa_lib.comm import detect_launch
-from swa_lib.config import Config, ConfigError, precision_record, to_dict
+from swa_lib.config import Config, precision_record, to_dict, validate_world
+from swa_lib.errors import ConfigError
 from swa_lib.methods import build_strategy
 
 MAX_PLANNED_WORLD = 4096
@@ -27,19 +28,18 @@ MAX_PLANNED_WORLD = 4096
 def planned_world_size(cfg: Config, asked: int | None) -> tuple[int, str]:
     """The world size to plan for, and where it came from: --world-size, the launcher, or the
     smallest size the method accepts (e.g. one process per SWAP worker)."""
-    accepts = lambda n: not getattr(cfg.method, "validate_world", lambda size: [])(n)  # noqa: E731
     if asked is not None:
         return asked, "--world-size"
     launched = detect_launch().size
     if launched:
         return launched, "launcher"
-    smallest = next((n for n in range(1, MAX_PLANNED_WORLD + 1) if accepts(n)), 1)
+    smallest = next((n for n in range(1, MAX_PLANNED_WORLD + 1) if not validate_world(cfg, n)), 1)
     return smallest, "the smallest the method accepts; --world-size N plans another"
 
 
 def plan_lines(cfg: Config, world_size: int, source: str = "--world-size") -> list[str]:
     """The dry-run report for `world_size` processes. Raises ConfigError if they do not fit the method."""
-    problems = getattr(cfg.method, "validate_world", lambda size: [])(world_size)
+    problems = validate_world(cfg, world_size)
     if problems:
         raise ConfigError(problems)
     strategy = build_strategy(cfg)

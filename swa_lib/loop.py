@@ -25,76 +25,38 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
-import signal
-import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from swa_lib.averaging import bn_buffers, update_bn_
+from swa_lib.averaging import bn_buffers, evaluate, recompute_bn_
 from swa_lib.checkpoint import CheckpointManager, atomic_torch_save, rng_state, set_rng_state
 from swa_lib.comm import allreduce_gradients_
-from swa_lib.config import ConfigError, precision_record, run_identity
+from swa_lib.config import precision_record, run_identity, validate_world
+from swa_lib.errors import ConfigError
+from swa_lib.methods.base import EvalTarget
+from swa_lib.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals
 from swa_lib.schedules import base_lr_fn, lr_position
+from swa_lib.timing import PhaseTimer
 
-
-# sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": what a
-# preempted run is. Schedulers and job scripts can requeue on it (e.g. Slurm's --requeue
-# logic in a wrapper) and treat every other non-zero code as a real failure.
-PREEMPTED_EXIT_CODE = 75
+__all__ = ["Trainer", "TrainContext", "PhaseTimer", "pick_device", "NonFiniteLossError", "Preempted",
+           "PREEMPTED_EXIT_CODE"]  # PhaseTimer lives in swa_lib.timing, the last two in swa_lib.preemption
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or inf; the last good checkpoint is left as it was."""
 
 
-class Preempted(Exception):
-    """A SIGTERM/SIGINT stopped the run at a step boundary agreed by every rank; the message says where."""
-
-
-class StopSignals:
-    """Notes SIGTERM and SIGINT instead of dying, while active (a context manager, main thread only).
-
-    The first signal is only recorded (`received`), so the current step finishes; a second
-    one of the same kind restores the default action and ends the process at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, rank: int):
-        self.rank = rank
-        self.received: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received == signum:
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-            return
-        self.received = signum
-        # os.write, not print: a handler may interrupt a print of the main thread.
-        os.write(2, f"rank {self.rank}: {signal.Signals(signum).name} received; stopping at the next step "
-                    f"boundary with a checkpoint (send it again to stop at once)\n".encode())
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
-
-
 @dataclass
 class TrainContext:
-    """What strategies may use. They read it; only the loop advances epoch and step."""
+    """What strategies may read (swa_lib.methods.base lists what each hook may change).
+
+    No strategy assigns to a field: the loop builds it once, and only the loop advances epoch and step."""
 
     cfg: object
     comm: object
@@ -104,33 +66,10 @@ class TrainContext:
     lr_fn: Callable[[float], float]
     workload: object
     logger: object
-    update_bn: Callable[[nn.Module], None] = None
     run_dir: Path | None = None  # where the run's files go (methods may save per-worker results here)
     timer: object = None  # the loop's PhaseTimer: methods time work they do outside train steps (SWAP phase 3)
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
-
-
-@dataclass
-class PhaseTimer:
-    """Wall seconds per named phase (train, eval, bn_update, checkpoint, and method phases)."""
-
-    device: torch.device
-    totals: dict = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def pick_device(cfg, comm) -> torch.device:
@@ -154,13 +93,15 @@ class Trainer:
         self.history: list[dict] = []
         self.wall_offset_s = 0.0
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every process
+        problems = validate_world(cfg, comm.size)  # the entry point checked already; direct users too
+        if problems:
+            raise ConfigError(problems)
         model = workload.build_model()
-        o = cfg.optim
-        optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
-                                    nesterov=o.nesterov, weight_decay=o.weight_decay)
+        strategy.prepare_model(model, self.device)
+        optimizer = strategy.build_optimizer(model, self.device)
         lr_fn = base_lr_fn(cfg, comm.size)
-        self.ctx = TrainContext(cfg, comm, model, optimizer, self.device, lr_fn, workload, logger, run_dir=self.run_dir)
-        self.ctx.update_bn, self.ctx.timer = self._update_bn, self.timer
+        self.ctx = TrainContext(cfg, comm, model, optimizer, self.device, lr_fn, workload, logger,
+                                run_dir=self.run_dir, timer=self.timer)
         strategy.setup(self.ctx)
         self._check_eval_steps()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", comm, cfg.run.keep_checkpoints,
@@ -246,6 +187,10 @@ class Trainer:
             self.last_train = metrics  # the epoch's training loss/accuracy, kept in the history
             self.ctx.epoch += 1
             self.strategy.after_epoch(self.ctx.epoch - 1, metrics)
+            partial = self.strategy.partial_result()
+            if partial is not None:  # e.g. SWAP's survivors: nothing world-wide may follow
+                bar.close()
+                return {"output_name": self.strategy.output_name, "partial_world": partial, "final": {}}
             last = self.ctx.epoch == stop_at or self.strategy.finished()
             boundary = self.strategy.phase != phase_before  # evaluated and checkpointed (pinned)
             if last or boundary or self.ctx.epoch % self.cfg.eval.every_epochs == 0:
@@ -365,31 +310,18 @@ class Trainer:
                                          f"the checkpoint was not overwritten")
 
     # ------------------------------------------------------------------ evaluation
-    def _update_bn(self, model: nn.Module) -> None:
+    def _recompute_bn(self, target: EvalTarget) -> None:
+        """What a target's recompute_bn asks for: BN statistics from the last epoch's training data."""
         with self.timer("bn_update"):
             epoch = max(self.ctx.epoch - 1, 0)
-            loader = self.workload.train_loader(self.strategy.data_shard(epoch))
-            loader.set_epoch(epoch)  # the batches must not depend on what the cached loader did last (resume)
-            update_bn_(model, loader, comm=self.comm, group=self.strategy.eval_group(),
-                       max_batches=self.cfg.eval.bn_update_batches, device=self.device)
-
-    @torch.no_grad()
-    def _evaluate_one(self, model: nn.Module, group, autocast=contextlib.nullcontext()) -> dict:
-        """Test loss and accuracy of `model` over `group`; fp32 unless `autocast` says otherwise."""
-        was_training = model.training
-        model.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for x, y in self.workload.test_loader(group.rank, group.size):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with autocast:
-                out = model(x)
-            loss = nn.functional.cross_entropy(out.float(), y, reduction="sum")
-            sums += torch.stack([loss.double(), (out.argmax(1) == y).sum().double(),
-                                 torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)])
-        self.comm.allreduce_([sums], op="sum", group=group)  # Distributed: the group covers the test set
-        model.train(was_training)
-        loss_sum, correct, count = sums.tolist()
-        return {"loss": loss_sum / count, "acc": correct / count}
+            group = self.strategy.eval_group()
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices, enabled=target.isolate_rng):
+                recompute_bn_(target.model, self.workload, self.strategy.data_shard(epoch), epoch, comm=self.comm,
+                              group=group, max_batches=self.cfg.eval.bn_update_batches, device=self.device)
+            also = target.bn_also_over
+            if also is not None and also.size > group.size:
+                self.comm.allreduce_(bn_buffers(target.model), "mean", also)  # Distributed
 
     def evaluate(self, mid_epoch: bool = False) -> dict:
         """Evaluate the training model and every averaged model; log; return {name: metrics}."""
@@ -400,11 +332,17 @@ class Trainer:
                 # Distributed: replicas share weights but each kept BN running statistics of its own
                 # batches; evaluate one model, the mean of them (what DDP's buffer broadcast aims at).
                 self.comm.allreduce_(bn_buffers(self.ctx.model), "mean", train_group)
-            targets = {"model": self.ctx.model, **self.strategy.eval_targets()}
+            extra = {name: t if isinstance(t, EvalTarget) else EvalTarget(t)
+                     for name, t in self.strategy.eval_targets().items()}
+            for target in extra.values():  # in the strategy's order: the order of RNG use
+                if target.recompute_bn:
+                    self._recompute_bn(target)
+            targets = {"model": self.ctx.model, **{name: t.model for name, t in extra.items()}}
             self._last_targets = targets
             # The training model in the run's precision; every average in fp32.
-            fp32 = contextlib.nullcontext()
-            results = {name: self._evaluate_one(m, group, self.autocast if name == "model" else fp32)
+            results = {name: evaluate(m, self.workload.test_loader(group.rank, group.size), self.device,
+                                      comm=self.comm, group=group,
+                                      autocast=self.autocast if name == "model" else None)
                        for name, m in targets.items()}
         values, groups = {}, None
         if group.size < self.comm.size and not self.strategy.isolated:

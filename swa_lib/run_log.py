@@ -54,7 +54,7 @@ def library_versions() -> dict:
     for name in ("torch", "torchvision", "numpy", "horovod", "mpi4py", "tensorboard"):
         try:
             out[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - a missing optional package is recorded, not fatal here
+        except Exception:  # a missing optional package is recorded, not fatal here
             out[name] = None
     return out
 

@@ -7,9 +7,9 @@ LR from some point on by wrapping the function.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
-from swa_lib.config import OptimConfig, ScheduleConfig
+from swa_lib.sections import OptimConfig, ScheduleConfig
 
 LrFn = Callable[[float], float]  # fractional epoch -> learning rate
 

@@ -14,8 +14,16 @@ import torch
 from torch import nn
 
 from mpi_util import assert_ranks_said, run_mpi
-from swa_lib.comm import (BACKENDS, LaunchInfo, SingleProcess, _resolve_backend, allreduce_gradients_,
-                          average_model_, detect_launch, init_comm)
+from swa_lib.comm import (
+    BACKENDS,
+    LaunchInfo,
+    SingleProcess,
+    allreduce_gradients_,
+    average_model_,
+    detect_launch,
+    init_comm,
+    resolve_backend,
+)
 
 SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
 LAUNCHER_VARS = ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "PMIX_RANK",
@@ -73,7 +81,7 @@ def test_single_process_backend_is_the_identity(monkeypatch):
         comm.allreduce_(tensors, op)
     comm.allreduce_(tensors[:2], "mean")
     comm.broadcast_(tensors, root=0)
-    assert all(torch.equal(t, o) for t, o in zip(tensors, originals))
+    assert tensors and all(torch.equal(t, o) for t, o in zip(tensors, originals, strict=True))
     assert comm.allgather_object({"acc": 0.5}) == [{"acc": 0.5}]
     comm.barrier()
 
@@ -84,7 +92,7 @@ def test_single_process_backend_is_the_identity(monkeypatch):
     average_model_(comm, model)
     allreduce_gradients_(comm, model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    for g, p in zip(grads, model.parameters()):
+    for g, p in zip(grads, model.parameters(), strict=True):
         assert (g is None and p.grad is None) or torch.equal(g, p.grad)  # a lone loop runs unchanged
     comm.shutdown()
     comm.shutdown()
@@ -113,7 +121,7 @@ def test_launcher_variables_pick_rank_size_and_backend(monkeypatch, env, expecte
     monkeypatch.delenv("SWA_COMM_BACKEND", raising=False)
     launch = detect_launch(env)
     assert launch == expected
-    assert _resolve_backend("auto", launch) == backend
+    assert resolve_backend("auto", launch) == backend
     monkeypatch.setenv("SWA_COMM_BACKEND", "torch")
-    assert _resolve_backend("auto", launch) == "torch"
-    assert _resolve_backend("single", launch) == "single"
+    assert resolve_backend("auto", launch) == "torch"
+    assert resolve_backend("single", launch) == "single"

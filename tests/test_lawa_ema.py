@@ -9,7 +9,7 @@ from mpi_util import assert_ranks_said, run_mpi
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import ConfigError, load_config
-from swa_lib.methods.lawa_ema import EMA, LAWA, averaged_tensors
+from swa_lib.averaging import EMA, LAWA, averaged_tensors
 from swa_lib.time_to_target import time_to_target
 
 TINY = ["data.dataset=cifar10_jpg", "data.train_subset=192", "data.test_subset=200", "model.name=resnet9",
@@ -94,10 +94,12 @@ def test_averages_never_change_training_and_resume_exactly(tmp_path):
     fit(tmp_path, "resumed", *AVERAGES, "method.bn=recompute", "run.stop_after_epochs=1")
     resumed, _ = fit(tmp_path, "resumed", *AVERAGES, "method.bn=recompute")
     # No feedback: the training model and optimizer are bitwise those of plain SGD.
-    for (name, a), b in zip(baseline.ctx.model.state_dict().items(), straight.ctx.model.state_dict().values()):
+    for (name, a), b in zip(baseline.ctx.model.state_dict().items(),
+                            straight.ctx.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{name}: averaging changed the training model"
     momentum = lambda t: [s["momentum_buffer"] for s in t.ctx.optimizer.state_dict()["state"].values()]  # noqa: E731
-    assert all(torch.equal(a, b) for a, b in zip(momentum(baseline), momentum(straight)))
+    assert momentum(baseline) and all(torch.equal(a, b) for a, b in
+                                      zip(momentum(baseline), momentum(straight), strict=True))
     # Exact resume: every average's state and every evaluation equal the uninterrupted run's.
     for name, state in straight.strategy.state_dict().items():
         other = resumed.strategy.state_dict()[name]

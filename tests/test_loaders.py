@@ -36,7 +36,8 @@ def test_same_seed_and_epoch_repeat_other_seeds_and_epochs_differ():
     ds = make_dataset()
     make = lambda seed: data.ShardedLoader(ds, 8, train=True, augment="cifar", seed=seed)
     first, again = epoch_batches(make(0), 5), epoch_batches(make(0), 5)  # a fresh loader = a resumed run
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert first and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                         for a, b in zip(first, again, strict=True))
     order = lambda batches: torch.cat([y for _, y in batches])
     assert not torch.equal(order(first), order(epoch_batches(make(1), 5)))
     assert not torch.equal(order(first), order(epoch_batches(make(0), 6)))

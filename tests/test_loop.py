@@ -38,9 +38,10 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     second = make(tmp_path, "resumed")  # fresh objects, as after a kill
     second.fit()
     assert second.ctx.step == straight.ctx.step
-    for (name, a), b in zip(straight.ctx.model.state_dict().items(), second.ctx.model.state_dict().values()):
+    for (name, a), b in zip(straight.ctx.model.state_dict().items(),
+                            second.ctx.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{name} differs after resume"
-    for a, b in zip(straight.strategy.average.parameters(), second.strategy.average.parameters()):
+    for a, b in zip(straight.strategy.average.parameters(), second.strategy.average.parameters(), strict=True):
         assert torch.equal(a, b)
     assert straight.history[-1]["results"] == second.history[-1]["results"]
 
@@ -57,7 +58,7 @@ def test_swa_is_the_equal_mean_of_the_epoch_end_weights(tmp_path):
     trainer.strategy.after_epoch = record
     trainer.fit()
     assert len(snapshots) == 3 and trainer.strategy.average.n_averaged.item() == 3  # swa_start_epoch=1
-    for i, p in enumerate(trainer.strategy.average.module.parameters()):
+    for i, p in enumerate(trainer.strategy.average.module.parameters(), strict=True):
         want = torch.stack([s[i] for s in snapshots]).mean(0)
         torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
 

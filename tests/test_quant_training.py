@@ -44,7 +44,7 @@ def test_quantized_sgd_with_all_formats_none_is_bitwise_plain_sgd(nesterov):
         for model, optimizer in ((plain_model, plain), (wrapped_model, wrapped)):
             backward(model, batch)
             optimizer.step()
-    for p, w in zip(plain_model.parameters(), wrapped_model.parameters()):
+    for p, w in zip(plain_model.parameters(), wrapped_model.parameters(), strict=True):
         assert torch.equal(p, w)
         assert torch.equal(plain.state[p]["momentum_buffer"], wrapped.state[w]["momentum_buffer"])
 
@@ -127,7 +127,7 @@ def test_quantized_sgd_state_dict_round_trip_continues_identically():
     for model, optimizer in ((model_a, optimizer_a), (model_b, optimizer_b)):
         backward(model, data[2])
         optimizer.step()
-    for p, q in zip(model_a.parameters(), model_b.parameters()):
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(p, q)
         assert torch.equal(optimizer_a.state[p]["weight_accumulator"],
                            optimizer_b.state[q]["weight_accumulator"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import models
-from swa_lib.averaging import update_bn_
+from swa_lib.averaging import evaluate, update_bn_
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import ConfigError, load_config
@@ -27,9 +27,9 @@ def run(tmp_path, name, *extra):
 def test_swalp_with_every_format_off_is_classic_swa_bit_for_bit(tmp_path):
     swa, swa_summary = run(tmp_path, "swa", "method.name=swa")
     swalp, swalp_summary = run(tmp_path, "swalp", "method.name=swalp", *FP32)
-    for a, b in zip(swa.ctx.model.state_dict().values(), swalp.ctx.model.state_dict().values()):
+    for a, b in zip(swa.ctx.model.state_dict().values(), swalp.ctx.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(swa.strategy.average.parameters(), swalp.strategy.average.parameters()):
+    for a, b in zip(swa.strategy.average.parameters(), swalp.strategy.average.parameters(), strict=True):
         assert torch.equal(a, b)
     assert swa_summary["final"]["output/acc"] == swalp_summary["final"]["output/acc"]
 
@@ -79,7 +79,7 @@ def test_swa_start_model_is_the_run_stopped_at_swa_start_then_bn_updated(tmp_pat
     for name, value in oracle.state_dict().items():
         assert torch.equal(kept[name], value), name
     assert not torch.equal(kept["features.0.1.running_mean"], full.ctx.model.state_dict()["features.0.1.running_mean"])
-    want = full._evaluate_one(oracle, full.comm.world)
+    want = evaluate(oracle, full.workload.test_loader(0, 1), full.device)
     assert summary["final"]["swa_start_model/acc"] == want["acc"]
     assert summary["final"]["swa_start_model/loss"] == want["loss"]
     # Every evaluation of the kept model gives the same result (history: epochs 2 and 3).
@@ -88,7 +88,7 @@ def test_swa_start_model_is_the_run_stopped_at_swa_start_then_bn_updated(tmp_pat
     resumed = build_trainer(load_config(None, TINY + same), init_comm("single"), tmp_path / "stopped")
     resumed_summary = resumed.fit()
     assert resumed_summary["final"]["swa_start_model/acc"] == want["acc"]
-    for a, b in zip(full.ctx.model.state_dict().values(), resumed.ctx.model.state_dict().values()):
+    for a, b in zip(full.ctx.model.state_dict().values(), resumed.ctx.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -98,9 +98,10 @@ def test_recording_the_swa_start_model_leaves_the_final_weights_bitwise_unchange
     without, summary_without = run(tmp_path, "without", "method.name=swalp", *SWA_START,
                                    "method.record_swa_start_model=false")
     assert "swa_start_model/acc" in summary["final"] and "swa_start_model/acc" not in summary_without["final"]
-    for (name, a), b in zip(with_record.ctx.model.state_dict().items(), without.ctx.model.state_dict().values()):
+    for (name, a), b in zip(with_record.ctx.model.state_dict().items(),
+                            without.ctx.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    for a, b in zip(with_record.strategy.average.parameters(), without.strategy.average.parameters()):
+    for a, b in zip(with_record.strategy.average.parameters(), without.strategy.average.parameters(), strict=True):
         assert torch.equal(a, b)
     assert summary["final"]["swa/acc"] == summary_without["final"]["swa/acc"]
 
@@ -115,7 +116,7 @@ def test_the_training_model_is_evaluated_as_a_bn_updated_copy(tmp_path):
     update_bn_(oracle, loader, max_batches=2)
     for name, value in oracle.state_dict().items():
         assert torch.equal(evaluated.state_dict()[name], value), name
-    assert summary["final"]["model/acc"] == trainer._evaluate_one(oracle, trainer.comm.world)["acc"]
+    assert summary["final"]["model/acc"] == evaluate(oracle, trainer.workload.test_loader(0, 1), trainer.device)["acc"]
 
 
 @pytest.mark.parametrize("override, field", [("method.act_bits=1", "method.act_bits"),

@@ -42,7 +42,7 @@ def test_one_process_swap_is_one_worker_whose_average_is_itself(tmp_path):
     trainer = build_trainer(load_config(None, TINY, default_method="swap"), init_comm("single"), tmp_path)
     summary = trainer.fit()
     assert trainer.strategy.phase1_end["rule"] == "epoch_cap" and summary["epochs"] == 3
-    for a, b in zip(trainer.ctx.model.parameters(), trainer.strategy.average.parameters()):
+    for a, b in zip(trainer.ctx.model.parameters(), trainer.strategy.average.parameters(), strict=True):
         assert torch.equal(a, b)
     assert (tmp_path / "final_model.pt").exists() and summary["output_name"] == "swap"
 

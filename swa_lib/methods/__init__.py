@@ -5,13 +5,15 @@ does not change.
 """
 from __future__ import annotations
 
-from swa_lib.methods.base import Strategy, SGDConfig, DataShard
+from swa_lib.averaging.hwa import HWAAverager
+from swa_lib.averaging.lawa_ema import EMA, LAWA
+from swa_lib.averaging.swap import swap_average_
+from swa_lib.methods.base import DataShard, EvalTarget, SGDConfig, Strategy
+from swa_lib.methods.hwa import HWA, HWAConfig
+from swa_lib.methods.lawa_ema import AveragesConfig, EMAConfig, LAWAConfig, WeightAverages
 from swa_lib.methods.swa import SWA, SWAConfig
 from swa_lib.methods.swalp import SWALP, SWALPConfig
-from swa_lib.methods.swap import SWAP, SWAPConfig, swap_average_
-from swa_lib.methods.hwa import HWA, HWAAverager, HWAConfig
-from swa_lib.methods.lawa_ema import EMA, LAWA
-from swa_lib.methods.lawa_ema_methods import AveragesConfig, EMAConfig, LAWAConfig, WeightAverages
+from swa_lib.methods.swap import SWAP, SWAPConfig
 
 _REGISTRY: dict[str, tuple[type, type]] = {}
 
@@ -40,7 +42,7 @@ register(LAWAConfig, WeightAverages)
 register(EMAConfig, WeightAverages)
 register(AveragesConfig, WeightAverages)
 
-__all__ = ["Strategy", "DataShard", "SGDConfig", "SWA", "SWAConfig", "SWALP", "SWALPConfig", "SWAP", "SWAPConfig",
+__all__ = ["Strategy", "DataShard", "EvalTarget", "SGDConfig", "SWA", "SWAConfig", "SWALP", "SWALPConfig", "SWAP", "SWAPConfig",
            "register", "build_strategy", "method_config_class", "HWA", "HWAConfig", "HWAAverager", "swap_average_",
            "LAWA", "EMA",
            "WeightAverages", "LAWAConfig", "EMAConfig", "AveragesConfig"]

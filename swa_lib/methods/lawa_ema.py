@@ -1,256 +1,192 @@
-"""LAWA and EMA weight averages (Ajroldi, Orvieto, Geiping, ICML 2025, arXiv 2502.06761).
+"""LAWA and EMA as training-loop methods: plain SGD, plus averages evaluated on the side.
 
-Both are small objects that any training loop can drive; they never write to the
-training model, so they cannot change training:
+The averages themselves (LAWA, EMA: objects any loop can drive) are swa_lib/averaging/lawa_ema.py;
+this module is their config and the strategy that drives them from the one loop.
 
-    lawa = LAWA(model, every_steps=64, window=20)        # the mean of the last 20 snapshots
-    ema = EMA(model, every_steps=64, decay=0.9)          # theta_ema <- 0.9 theta_ema + 0.1 theta
-    for step in range(1, total_steps + 1):
-        ...; optimizer.step()
-        lawa.update(model, step); ema.update(model, step)  # a snapshot when step % every_steps == 0
-    if lawa.ready:
-        lawa.copy_to(eval_model)                           # then evaluate eval_model
+Three registered methods share one strategy:
 
-Storage. The averaged tensors (parameters, plus floating-point buffers such as BN running
-statistics when `include_buffers`) are kept as one flat vector, so an update is one or two
-whole-vector operations whatever the model. LAWA keeps a ring buffer of L flat snapshots:
-an update overwrites the oldest slot, a single O(params) copy. Its mean is computed only
-when asked for (once per evaluation) from the L snapshots in float64, rounded once to the
-model's dtype: exact, and O(L x params) but only per evaluation. A running float64 sum
-would make that read O(params) but cost three extra float64 passes per update (measured
-on this CPU: about 10-20x the copy itself) and accumulate rounding; updates are far more
-frequent than reads, so we recompute.
+  lawa      one LAWA average, evaluated as "lawa" (the run's result once the queue is full)
+  ema       one EMA average, evaluated as "ema"
+  averages  several LAWA and EMA averages of ONE training run (window sweeps). Because an
+            average never feeds back into training, K averages of one run with seed s are
+            exactly the K runs "+ average k" with seed s, at the training cost of one.
 
-Buffers on the CPU (`buffer_device="cpu"`) while the model is on a GPU: the snapshot is
-first copied on the GPU into a staging vector (a device-to-device copy on the compute
-stream, microseconds), then copied to pinned host memory on a side stream with
-non_blocking=True, so the GPU keeps computing while the transfer runs. The CPU-side
-bookkeeping (EMA's lerp, LAWA's count) is deferred to the next update or read, after the
-transfer's event has completed; with every_steps >= 2 it has long finished, so neither
-the GPU nor the Python thread waits. Without a GPU the same code does plain copies.
+Evaluation follows AlgoPerf's prepare_for_eval idea: each average has its own evaluation
+copy of the network; before every evaluation the training model's full state is copied
+into it (so non-averaged buffers are current) and the averaged tensors are written over
+it. The training model, its optimizer and the RNG streams are never touched. With
+`bn: recompute` only parameters are averaged and the copy's BN statistics are recomputed
+over training data (the loop does it: EvalTarget.recompute_bn); with `bn: average` the BN running statistics are
+averaged like parameters, which costs no extra pass over the data.
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+import copy
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from swa_lib.averaging.lawa_ema import EMA, LAWA
+from swa_lib.methods.base import EvalTarget, Strategy
+from swa_lib.sections import from_dict
+
+BN_MODES = ("average", "recompute")
+BUFFER_DEVICES = ("device", "cpu")
 
 
-def averaged_tensors(model: nn.Module, include_buffers: bool) -> list[torch.Tensor]:
-    """The tensors an average covers, in a fixed order: parameters, then float buffers."""
-    tensors = [p.detach() for p in model.parameters()]
-    if include_buffers:
-        tensors += [b for b in model.buffers() if b.is_floating_point()]
-    return tensors
+def _common_problems(where: str, bn: str, buffer_device: str) -> list[str]:
+    p = []
+    if bn not in BN_MODES:
+        p.append(f"{where}.bn: {bn!r} is not one of {', '.join(BN_MODES)}")
+    if buffer_device not in BUFFER_DEVICES:
+        p.append(f"{where}.buffer_device: {buffer_device!r} is not one of {', '.join(BUFFER_DEVICES)}")
+    return p
 
 
-class _SnapshotAverage:
-    """Shared machinery: the flat layout, where buffers live, and (a)synchronous snapshots.
+@dataclass
+class LAWAConfig:
+    """LAWA: the mean of the last `window` snapshots, one every `every_steps` optimizer steps."""
 
-    A subclass supplies `_take(sources)` (synchronous snapshot), `_host_destination()` and
-    `_fold(flat)` (asynchronous: where the transfer lands, and folding it in later), and
-    `average()` (the flat averaged vector).
-    """
+    name: ClassVar[str] = "lawa"
+    every_steps: int = 64  # nu; the paper recommends 64-128 on AlgoPerf (verified)
+    window: int = 20  # L, snapshots averaged; the paper's L = 20 (verified)
+    bn: str = "average"  # average (BN statistics averaged too) | recompute (update_bn before each eval)
+    buffer_device: str = "device"  # device | cpu (pinned host memory, filled asynchronously on a GPU)
 
-    def __init__(self, model: nn.Module, every_steps: int, include_buffers: bool, buffer_device: str):
-        if every_steps < 1:
-            raise ValueError(f"every_steps: {every_steps} must be >= 1")
-        if buffer_device not in ("cpu", "device"):
-            raise ValueError(f"buffer_device: {buffer_device!r} is not one of cpu, device")
-        tensors = averaged_tensors(model, include_buffers)
-        dtypes = {t.dtype for t in tensors}
-        if len(dtypes) != 1:
-            raise ValueError(f"all averaged tensors must share one dtype, got {sorted(map(str, dtypes))}")
-        self.every_steps, self.include_buffers = every_steps, include_buffers
-        self.dtype, self.model_device = tensors[0].dtype, tensors[0].device
-        self.shapes = [t.shape for t in tensors]
-        self.numel = sum(t.numel() for t in tensors)
-        self.device = torch.device("cpu") if buffer_device == "cpu" else self.model_device
-        # GPU model + CPU buffers: transfers go through pinned memory on a side stream.
-        self.asynchronous = self.model_device.type == "cuda" and self.device.type == "cpu"
-        if self.asynchronous:
-            self._staging = torch.empty(self.numel, dtype=self.dtype, device=self.model_device)
-            self._stream = torch.cuda.Stream(self.model_device)
-        self._pending = None  # (flat host snapshot, event) copied but not yet folded in
+    def validate(self, cfg, where: str = "method") -> list[str]:
+        p = _common_problems(where, self.bn, self.buffer_device)
+        if self.every_steps < 1:
+            p.append(f"{where}.every_steps: {self.every_steps} must be >= 1")
+        if self.window < 1:
+            p.append(f"{where}.window: {self.window} must be >= 1")
+        return p
 
-    # ------------------------------------------------------------------ helpers
-    def _zeros(self, *shape, dtype=None) -> torch.Tensor:
-        return torch.zeros(*shape, dtype=dtype or self.dtype, device=self.device, pin_memory=self.asynchronous)
+    def label(self) -> str:
+        return f"lawa_nu{self.every_steps}_L{self.window}"
 
-    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        out, offset = [], 0
-        for shape in self.shapes:
-            n = shape.numel()
-            out.append(flat[offset:offset + n].view(shape))
-            offset += n
+
+@dataclass
+class EMAConfig:
+    """EMA: theta_ema <- decay * theta_ema + (1 - decay) * theta, every `every_steps` steps."""
+
+    name: ClassVar[str] = "ema"
+    every_steps: int = 64  # nu; the paper recommends 64-128 (verified)
+    decay: float = 0.9  # beta; the paper's 0.9 at nu 64-128 (verified)
+    warmup: bool = False  # beta_k = min(decay, (1 + k) / (10 + k)) for the k-th update
+    bn: str = "average"
+    buffer_device: str = "device"
+
+    def validate(self, cfg, where: str = "method") -> list[str]:
+        p = _common_problems(where, self.bn, self.buffer_device)
+        if self.every_steps < 1:
+            p.append(f"{where}.every_steps: {self.every_steps} must be >= 1")
+        if not 0 < self.decay < 1:
+            p.append(f"{where}.decay: {self.decay} must be in (0, 1)")
+        return p
+
+    def label(self) -> str:
+        return f"ema_nu{self.every_steps}_b{self.decay:g}" + ("_wu" if self.warmup else "")
+
+
+@dataclass
+class AveragesConfig:
+    """Several LAWA/EMA averages of one run; each list entry holds that method's own keys
+    (e.g. {every_steps: 4, window: 5}); bn and buffer_device are shared."""
+
+    name: ClassVar[str] = "averages"
+    lawa: list = field(default_factory=list)  # entries of LAWAConfig keys, evaluated as lawa_nu<nu>_L<L>
+    ema: list = field(default_factory=list)  # entries of EMAConfig keys, evaluated as ema_nu<nu>_b<decay>
+    bn: str = "average"
+    buffer_device: str = "device"
+
+    def entries(self, problems: list[str] | None = None) -> list:
+        """The typed LAWAConfig/EMAConfig of every entry (type errors go to `problems`)."""
+        problems = [] if problems is None else problems
+        out = []
+        for key, cls in (("lawa", LAWAConfig), ("ema", EMAConfig)):
+            for i, entry in enumerate(getattr(self, key)):
+                where = f"method.{key}[{i}]"
+                if not isinstance(entry, dict) or {"bn", "buffer_device"} & set(entry):
+                    problems.append(f"{where}: {entry!r} must be a mapping of {cls.name} keys without bn/buffer_device")
+                    continue
+                out.append((where, from_dict(cls, {**entry, "bn": self.bn, "buffer_device": self.buffer_device},
+                                             where, problems)))
         return out
 
-    def _sources(self, model: nn.Module) -> list[torch.Tensor]:
-        tensors = averaged_tensors(model, self.include_buffers)
-        if [t.shape for t in tensors] != self.shapes:
-            raise ValueError("the model's tensors do not match the ones this average was built for")
-        return tensors
-
-    # ------------------------------------------------------------------ updates
-    def update(self, model: nn.Module, step: int) -> bool:
-        """Take a snapshot if `step` (optimizer steps done) is a multiple of every_steps."""
-        if step % self.every_steps:
-            return False
-        self._fold_pending()
-        sources = self._sources(model)
-        if not self.asynchronous:
-            self._take(sources)
-            return True
-        dest = self._host_destination()
-        torch._foreach_copy_(self._views(self._staging), sources)  # on the compute stream: fast D2D
-        self._stream.wait_stream(torch.cuda.current_stream(self.model_device))
-        with torch.cuda.stream(self._stream):
-            dest.copy_(self._staging, non_blocking=True)  # D2H overlaps the next training steps
-            event = torch.cuda.Event()
-            event.record()
-        self._pending = (dest, event)
-        return True
-
-    def _fold_pending(self) -> None:
-        if self._pending is not None:
-            dest, event = self._pending
-            event.synchronize()  # long finished unless every_steps is tiny
-            self._pending = None
-            self._fold(dest)
-
-    def copy_to(self, model: nn.Module) -> None:
-        """Write the average into `model` (an evaluation copy; never the training model)."""
-        flat = self.average().to(self.model_device)
-        with torch.no_grad():
-            torch._foreach_copy_(self._sources(model), self._views(flat))
+    def validate(self, cfg) -> list[str]:
+        p = _common_problems("method", self.bn, self.buffer_device)
+        entries = self.entries(p)
+        if not self.lawa and not self.ema:
+            p.append("method.lawa/method.ema: give at least one average")
+        for where, entry in entries:
+            p += entry.validate(cfg, where)
+        labels = [e.label() for _, e in entries]
+        p += [f"method: the average {name} is listed twice" for name in sorted(set(labels)) if labels.count(name) > 1]
+        return p
 
 
-class LAWA(_SnapshotAverage):
-    """Latest weight averaging: the uniform mean of the last `window` snapshots (Kaddour 2022;
-    Sanyal et al. 2023; as evaluated by Ajroldi et al. 2025).
+def build_average(entry, model):
+    """A LAWA or EMA object from its config (what `averages` builds once per entry)."""
+    buffers = entry.bn == "average"
+    if isinstance(entry, LAWAConfig):
+        return LAWA(model, entry.every_steps, entry.window, buffers, entry.buffer_device)
+    return EMA(model, entry.every_steps, entry.decay, entry.warmup, buffers, entry.buffer_device)
 
-    Args:
-        model: the training model (read at each snapshot, never written).
-        every_steps: nu, optimizer steps between snapshots.
-        window: L, snapshots in the queue; the mean exists only once it holds L of them.
-        include_buffers: also average float buffers (BN statistics); else recompute them.
-        buffer_device: "device" (the model's) or "cpu" (pinned, filled asynchronously on a GPU).
+
+class WeightAverages(Strategy):
+    """Synchronous SGD whose weights are also averaged (LAWA/EMA) and evaluated on the side.
+
+    Distributed: under data parallelism every process holds the same parameters, so their
+    averages agree without communication. BN running statistics are the exception: each
+    process keeps those of its own batches. With `bn: average`, before every step that takes
+    a snapshot the float buffers are replaced by their mean over the gradient group (one small
+    allreduce, what the loop does before every evaluation anyway), so every process holds
+    bitwise the same averages and the saved model is the one every process evaluated.
     """
 
-    def __init__(self, model: nn.Module, every_steps: int, window: int, include_buffers: bool = True,
-                 buffer_device: str = "device"):
-        if window < 1:
-            raise ValueError(f"window: {window} must be >= 1")
-        super().__init__(model, every_steps, include_buffers, buffer_device)
-        self.window = window
-        self.ring = self._zeros(window, self.numel)  # slot i holds snapshot number k with k % window == i
-        self.n_snapshots = 0  # snapshots completed (folded in)
-        self._mean = None  # cache: valid until the next snapshot
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        m = self.cfg.method
+        if isinstance(m, AveragesConfig):
+            named = [(e.label(), e) for _, e in m.entries()]
+            self.primary = "model"
+        else:
+            named = [(m.name, m)]
+            self.primary = m.name
+        self.averages = {name: build_average(e, ctx.model) for name, e in named}
+        self.recompute_bn = m.bn == "recompute"
+        # One evaluation copy per average: the loop evaluates all targets after collecting them.
+        self.eval_models = {name: copy.deepcopy(ctx.model) for name in self.averages}
 
     @property
-    def ready(self) -> bool:
-        self._fold_pending()
-        return self.n_snapshots >= self.window
+    def output_name(self) -> str:
+        """The average, once it exists; a run too short to fill the LAWA queue reports the model."""
+        return self.primary if self.primary == "model" or self.averages[self.primary].ready else "model"
 
-    def _slot(self) -> torch.Tensor:
-        self._mean = None
-        return self.ring[self.n_snapshots % self.window]  # the oldest snapshot leaves the queue
+    def after_step(self, step: int) -> None:
+        group = self.gradient_group()
+        if not self.recompute_bn and group.size > 1 and any(step % a.every_steps == 0 for a in self.averages.values()):
+            # Distributed: one set of BN statistics for the snapshot, the same on every process.
+            buffers = [b for b in self.ctx.model.buffers() if b.is_floating_point()]
+            self.ctx.comm.allreduce_(buffers, "mean", group)
+        for average in self.averages.values():
+            average.update(self.ctx.model, step)  # reads the training model, never writes it
 
-    def _take(self, sources):
-        torch._foreach_copy_(self._views(self._slot()), sources)
-        self.n_snapshots += 1
-
-    def _host_destination(self) -> torch.Tensor:
-        return self._slot()
-
-    def _fold(self, slot: torch.Tensor) -> None:
-        self.n_snapshots += 1
-
-    def average(self) -> torch.Tensor:
-        if not self.ready:
-            raise RuntimeError(f"LAWA holds {self.n_snapshots} of {self.window} snapshots; its mean is not defined yet")
-        if self._mean is None:
-            total = self.ring[0].double()
-            for slot in self.ring[1:]:
-                total += slot.double()
-            self._mean = (total / self.window).to(self.dtype)
-        return self._mean
+    def eval_targets(self):
+        targets = {}
+        for name, average in self.averages.items():
+            if not average.ready:
+                continue  # LAWA is evaluated only once its queue is full
+            model = self.eval_models[name]
+            model.load_state_dict(self.ctx.model.state_dict())  # non-averaged state, e.g. num_batches_tracked
+            average.copy_to(model)
+            targets[name] = EvalTarget(model, recompute_bn=self.recompute_bn)
+        return targets
 
     def state_dict(self) -> dict:
-        self._fold_pending()
-        return {"ring": self.ring.cpu(), "n_snapshots": self.n_snapshots, "every_steps": self.every_steps}
+        return {name: average.state_dict() for name, average in self.averages.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        if tuple(state["ring"].shape) != tuple(self.ring.shape) or state["every_steps"] != self.every_steps:
-            raise ValueError(f"LAWA state has ring {tuple(state['ring'].shape)} and every_steps {state['every_steps']}; "
-                             f"this LAWA has {tuple(self.ring.shape)} and {self.every_steps}")
-        self._fold_pending()  # an in-flight transfer must land before the slots are overwritten
-        self._mean = None
-        self.ring.copy_(state["ring"])
-        self.n_snapshots = int(state["n_snapshots"])
-
-
-class EMA(_SnapshotAverage):
-    """Exponential moving average of the weights, updated every `every_steps` steps.
-
-    theta_ema starts as the model's weights at construction. The k-th update (k = 0, 1, ...)
-    uses beta_k = min(decay, (1 + k) / (10 + k)) with `warmup` (the form of TensorFlow's
-    ExponentialMovingAverage num_updates), else decay. Warm-up matters when decay is close
-    to 1: without it the random initial weights keep a weight decay^k for thousands of
-    updates; with it the early EMA is close to an equal mean of the snapshots seen so far.
-
-    Args:
-        model, every_steps, include_buffers, buffer_device: as for LAWA.
-        decay: beta in (0, 1).
-        warmup: ramp beta up as above.
-    """
-
-    def __init__(self, model: nn.Module, every_steps: int, decay: float, warmup: bool = False,
-                 include_buffers: bool = True, buffer_device: str = "device"):
-        if not 0 < decay < 1:
-            raise ValueError(f"decay: {decay} must be in (0, 1)")
-        super().__init__(model, every_steps, include_buffers, buffer_device)
-        self.decay, self.warmup = decay, warmup
-        self.ema = self._zeros(self.numel)
-        self.ema.copy_(torch.cat([t.reshape(-1) for t in self._sources(model)]).to(self.device))
-        self.n_updates = 0
-        if self.asynchronous:
-            self._host_staging = self._zeros(self.numel)
-
-    @property
-    def ready(self) -> bool:
-        """True after the first update (before it, the "average" is only the initial weights)."""
-        self._fold_pending()
-        return self.n_updates > 0
-
-    def beta(self, k: int) -> float:
-        return min(self.decay, (1 + k) / (10 + k)) if self.warmup else self.decay
-
-    def _take(self, sources):
-        weight = 1 - self.beta(self.n_updates)
-        torch._foreach_lerp_(self._views(self.ema), sources, weight)
-        self.n_updates += 1
-
-    def _host_destination(self) -> torch.Tensor:
-        return self._host_staging
-
-    def _fold(self, flat: torch.Tensor) -> None:
-        self.ema.lerp_(flat, 1 - self.beta(self.n_updates))
-        self.n_updates += 1
-
-    def average(self) -> torch.Tensor:
-        self._fold_pending()
-        return self.ema
-
-    def state_dict(self) -> dict:
-        self._fold_pending()
-        return {"ema": self.ema.cpu(), "n_updates": self.n_updates, "every_steps": self.every_steps,
-                "decay": self.decay, "warmup": self.warmup}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = (self.numel, self.every_steps, self.decay, self.warmup)
-        theirs = (state["ema"].numel(), state["every_steps"], state["decay"], state["warmup"])
-        if mine != theirs:
-            raise ValueError(f"EMA state (numel, every_steps, decay, warmup) = {theirs}; this EMA has {mine}")
-        self._fold_pending()
-        self.ema.copy_(state["ema"])
-        self.n_updates = int(state["n_updates"])
+        if set(state) != set(self.averages):
+            raise ValueError(f"checkpoint holds averages {sorted(state)}, this config has {sorted(self.averages)}")
+        for name, average in self.averages.items():
+            average.load_state_dict(state[name])

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from torch.optim.swa_utils import AveragedModel
 
-from swa_lib.methods.base import Strategy
+from swa_lib.methods.base import EvalTarget, Strategy
 
 
 @dataclass
@@ -92,8 +92,7 @@ class SWA(Strategy):
     def eval_targets(self):
         if self.average.n_averaged.item() == 0:
             return {}
-        self.ctx.update_bn(self.average)
-        return {"swa": self.average.module}
+        return {"swa": EvalTarget(self.average.module, recompute_bn=True)}
 
     def state_dict(self) -> dict:
         return {"average": self.average.state_dict()}

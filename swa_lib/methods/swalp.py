@@ -27,6 +27,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from swa_lib.averaging import recompute_bn_
+from swa_lib.methods.base import EvalTarget
 from swa_lib.methods.swa import SWA, SWAConfig
 from swa_lib.quant import (PLACEMENTS, ActivationErrorQuantizer, BlockFloat, QuantizedSGD,
                            insert_quantizers_by_placement, remove_quantizers)
@@ -103,15 +105,19 @@ class SWALP(SWA):
         self.output_name = "swa" if cfg.method.average else "model"
         self.swa_start_model: nn.Module | None = None
 
-    def setup(self, ctx) -> None:
+    def prepare_model(self, model: nn.Module, device: torch.device) -> None:
+        m = self.cfg.method
+        insert_quantizers_by_placement(model, m.quant_placement, m.format("act"), m.format("err"), fused=m.fused)
+
+    def build_optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
         m = self.cfg.method
         # SWALP: the same seed on every rank, so quantized updates of data-parallel replicas agree.
-        self.generator = torch.Generator(device=ctx.device).manual_seed(self.cfg.run.seed)
-        insert_quantizers_by_placement(ctx.model, m.quant_placement, m.format("act"), m.format("err"),
-                                       fused=m.fused)
-        ctx.optimizer = QuantizedSGD(ctx.optimizer, fmt_weight=m.format("weight"), fmt_grad=m.format("grad"),
-                                     fmt_momentum=m.format("momentum"), fmt_acc=m.format("acc"),
-                                     generator=self.generator, fused=m.fused)
+        self.generator = torch.Generator(device=device).manual_seed(self.cfg.run.seed)
+        return QuantizedSGD(super().build_optimizer(model, device), fmt_weight=m.format("weight"),
+                            fmt_grad=m.format("grad"), fmt_momentum=m.format("momentum"), fmt_acc=m.format("acc"),
+                            generator=self.generator, fused=m.fused)
+
+    def setup(self, ctx) -> None:
         super().setup(ctx)  # the average is a deep copy of the quantized model ...
         remove_quantizers(self.average.module)  # ... that must compute in full precision
 
@@ -134,11 +140,12 @@ class SWALP(SWA):
         "model", its BN-updated copy; from swa_start on also the kept "swa_start_model"."""
         targets = super().eval_targets() if self.cfg.method.average else {}
         if self.cfg.method.bn_update_model:
-            targets["model"] = self._bn_updated_copy()
+            # The loop recomputes its BN statistics under a forked RNG (see _bn_updated_copy).
+            targets["model"] = EvalTarget(self._own_copy(), recompute_bn=True, isolate_rng=True)
         if self.swa_start_model is not None:
             # The same noise at every evaluation: the recorded result does not drift.
             self._own_generator(self.swa_start_model, self.cfg.run.seed)
-            targets["swa_start_model"] = self.swa_start_model
+            targets["swa_start_model"] = EvalTarget(self.swa_start_model)
         return targets
 
     def _own_generator(self, model: nn.Module, seed: int) -> None:
@@ -149,15 +156,22 @@ class SWALP(SWA):
             if isinstance(module, ActivationErrorQuantizer):
                 module.generator = generator
 
-    def _bn_updated_copy(self) -> nn.Module:
-        """A copy of the low-precision training model with BN statistics recomputed on
-        training data, made without advancing any RNG the run uses (dropout and rounding
-        noise in the BN update's forward passes draw from forked states)."""
+    def _own_copy(self) -> nn.Module:
+        """A copy of the low-precision training model whose quantizers draw their own noise."""
         model = copy.deepcopy(self.ctx.model)
         self._own_generator(model, self.cfg.run.seed + self.ctx.step)
-        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            self.ctx.update_bn(model)
+        return model
+
+    def _bn_updated_copy(self) -> nn.Module:
+        """`_own_copy` with BN statistics recomputed on training data as the loop does for an
+        EvalTarget, without advancing any RNG the run uses (dropout and rounding noise in the BN
+        update's forward passes draw from forked states)."""
+        ctx, model = self.ctx, self._own_copy()
+        epoch = max(ctx.epoch - 1, 0)
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        with ctx.timer("bn_update"), torch.random.fork_rng(devices=devices):
+            recompute_bn_(model, ctx.workload, self.data_shard(epoch), epoch, comm=ctx.comm, group=self.eval_group(),
+                          max_batches=self.cfg.eval.bn_update_batches, device=ctx.device)
         return model
 
     def state_dict(self) -> dict:

@@ -45,40 +45,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from swa_lib.averaging import update_bn_
-from swa_lib.checkpoint import atomic_torch_save, atomic_write_text
-from swa_lib.comm import average_model_
-from swa_lib.config import ScheduleConfig, SCHEDULES
-from swa_lib.methods.base import DataShard, PartialWorldResult, Strategy
+from swa_lib.averaging.swap import swap_average_
+from swa_lib.methods.base import DataShard, EvalTarget, Strategy
+from swa_lib.methods.swap_survivors import average_survivors, wait_for_workers, write_worker_result
 from swa_lib.schedules import build_lr_fn, peak_lr
+from swa_lib.sections import SCHEDULES, ScheduleConfig
 
 PHASES = ("phase1", "phase2", "phase3")
-
-
-def swap_average_(comm, model: torch.nn.Module, bn_batches, *, max_batches: int | None = None,
-                  device: torch.device | None = None) -> torch.nn.Module:
-    """SWAP's phase 3 for any loop: average `model` over the world, then recompute its BN statistics.
-
-    Call it on every process with its own worker's model (or a copy of it), after phase 2.
-    Members of a worker hold the same replica, so the world mean is the mean over workers.
-    BN running statistics are not averaged but recomputed from `bn_batches`, this process's
-    shard of the training data (the same number of batches on every process), and combined
-    exactly over the world (swa_lib.averaging.update_bn_). Returns `model`, now the average.
-
-        comm = init_comm(); worker = comm.split(K)        # phase 2: K independent workers
-        ...; allreduce_gradients_(comm, model, worker)    # gradients stay inside the worker
-        swap = swap_average_(comm, copy.deepcopy(model), my_shard_of_training_batches)
-    """
-    average_model_(comm, model, comm.world, buffers=False)  # Distributed: mean over the K workers
-    update_bn_(model, bn_batches, comm=comm, group=comm.world, max_batches=max_batches, device=device)
-    return model
 
 
 @dataclass
@@ -150,6 +128,7 @@ class SWAP(Strategy):
         self.phase2_start: int | None = None  # first epoch (0-based) of phase 2
         self.phase1_end: dict = {}  # how phase 1 ended: epoch, train accuracy, which rule fired
         self.average: torch.nn.Module | None = None
+        self._partial: str | None = None  # set when survivors ended the run (average_survivors)
 
     @property
     def phase(self) -> str:
@@ -226,6 +205,8 @@ class SWAP(Strategy):
                 self._end_phase1(completed, acc, "stop_accuracy" if by_acc else "epoch_cap")
         elif self._phase == "phase2" and completed >= self.phase2_start + m.phase2_epochs:
             self._average()
+            if self._partial is not None:
+                return  # the world is gone: nothing more is logged or shared
         self.ctx.logger.scalars({"swap/phase": PHASES.index(self._phase) + 1}, self.ctx.step, epoch=completed)
 
     def _end_phase1(self, completed: int, acc: float, rule: str) -> None:
@@ -246,79 +227,26 @@ class SWAP(Strategy):
             self._average_and_recompute_bn()
 
     def _average_and_recompute_bn(self) -> None:
-        ctx, comm = self.ctx, self.ctx.comm
+        ctx, comm, cfg = self.ctx, self.ctx.comm, self.cfg
         if self.isolated:
             # This worker's result on disk first, so that the others can average without it.
-            self._worker_file(0).parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save(ctx.model.state_dict(), self._worker_file(self.group.index))
-            present = self._wait_for_workers()
-            if len(present) < self.cfg.method.workers:
-                self._average_survivors(present)  # raises PartialWorldResult
-        cfg = self.cfg
+            write_worker_result(ctx.run_dir, self.group.index, ctx.model)
+            present = wait_for_workers(ctx.run_dir, cfg.method.workers, cfg.method.survivor_wait_s)
+            if len(present) < cfg.method.workers:
+                self._partial, average = average_survivors(ctx, cfg, self.group.index, present)
+                self.average = average
+                return
         loader = ctx.workload.train_loader(DataShard(comm.rank, comm.size, cfg.run.seed, cfg.optim.batch_size))
         loader.set_epoch(ctx.epoch - 1)  # the last epoch's order and augmentation, on every resume too
         self.average = swap_average_(comm, copy.deepcopy(ctx.model), loader,
                                      max_batches=cfg.eval.bn_update_batches, device=ctx.device)
         self._phase = "phase3"
 
-    def _worker_file(self, index: int):
-        return self.ctx.run_dir / "phase2" / f"worker{index}.pt"
-
-    def _wait_for_workers(self) -> list[int]:
-        deadline = time.monotonic() + self.cfg.method.survivor_wait_s
-        while True:
-            present = [k for k in range(self.cfg.method.workers) if self._worker_file(k).exists()]
-            if len(present) == self.cfg.method.workers or time.monotonic() > deadline:
-                return present
-            time.sleep(0.5)
-
-    def _average_survivors(self, present: list[int]) -> None:
-        m, ctx = self.cfg.method, self.ctx
-        lost = sorted(set(range(m.workers)) - set(present))
-        me = self.group.index
-        report = ctx.run_dir / "survivors.json"
-        if me != min(present):
-            # Stay until the leader is done: Open MPI ends the job (leader included) as soon as one
-            # process exits without MPI_Finalize, which a survivor must skip (its peers are dead).
-            deadline = time.monotonic() + max(m.survivor_wait_s, 600.0)
-            while not report.exists() and time.monotonic() < deadline:
-                time.sleep(0.5)
-            raise PartialWorldResult(f"workers {lost} did not finish phase 2; worker {min(present)} "
-                                     f"averaged the {len(present)} survivors into {report.parent}")
-        self.average = copy.deepcopy(ctx.model)
-        states = [torch.load(self._worker_file(k), map_location=ctx.device) for k in present]
-        with torch.no_grad():
-            for name, p in self.average.named_parameters():
-                p.copy_(torch.stack([s[name].float() for s in states]).mean(0).to(p.dtype))
-        # Alone now: the same number of BN images as the whole world would have used.
-        cfg, batches = self.cfg, self.cfg.eval.bn_update_batches
-        loader = ctx.workload.train_loader(DataShard(0, 1, cfg.run.seed, cfg.optim.batch_size))
-        loader.set_epoch(ctx.epoch - 1)
-        update_bn_(self.average, loader, max_batches=None if batches is None else batches * ctx.comm.size,
-                   device=ctx.device)
-        acc = self._test_accuracy(self.average)
-        result = {"averaged_workers": present, "lost_workers": lost, "epoch": ctx.epoch, "test_acc": acc}
-        atomic_torch_save(self.average.state_dict(), ctx.run_dir / "final_model.pt")
-        ctx.logger.scalars({"eval/swap_survivors/acc": acc}, ctx.step, epoch=ctx.epoch)
-        ctx.logger.close()
-        message = (f"workers {lost} did not finish phase 2; averaged the {len(present)} survivors {present}: "
-                   f"test acc {acc:.4f}; wrote {ctx.run_dir / 'final_model.pt'} and {report}")
-        print(message, flush=True)  # now: once the others see the report they leave, and mpirun may end us
-        atomic_write_text(json.dumps(result, indent=2), report)  # last: it releases the other survivors
-        raise PartialWorldResult(message)
-
-    @torch.no_grad()
-    def _test_accuracy(self, model: torch.nn.Module) -> float:
-        model.eval()
-        correct = total = 0
-        for x, y in self.ctx.workload.test_loader(0, 1):
-            x, y = x.to(self.ctx.device), y.to(self.ctx.device)
-            correct += (model(x).argmax(1) == y).sum().item()
-            total += len(y)
-        return correct / total
+    def partial_result(self) -> str | None:
+        return self._partial
 
     def eval_targets(self):
-        return {"swap": self.average} if self.average is not None else {}
+        return {"swap": EvalTarget(self.average)} if self.average is not None else {}
 
     def finished(self) -> bool:
         return self._phase == "phase3"

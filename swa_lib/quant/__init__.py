@@ -11,15 +11,23 @@
 A format of None means full precision wherever a format is taken.
 """
 
-from .modules import (ActivationErrorQuantizer, ActivationQuantizer, ErrorQuantizer,
-                      insert_quantizers, insert_quantizers_at, quantization_points,
-                      quantize_activation_error, quantizers_disabled, remove_quantizers,
-                      set_quantizers_enabled)
-from .fused import fused_rounding_bits
-from .number import BlockFloat
-from .optim import QuantizedSGD
-from .placement import PLACEMENTS, insert_quantizers_by_placement, placement_points
-from .quantize import quantize, rounding_bits
+from swa_lib.quant.fused import fused_rounding_bits
+from swa_lib.quant.modules import (
+    ActivationErrorQuantizer,
+    ActivationQuantizer,
+    ErrorQuantizer,
+    insert_quantizers,
+    insert_quantizers_at,
+    quantization_points,
+    quantize_activation_error,
+    quantizers_disabled,
+    remove_quantizers,
+    set_quantizers_enabled,
+)
+from swa_lib.quant.number import BlockFloat
+from swa_lib.quant.optim import QuantizedSGD
+from swa_lib.quant.placement import PLACEMENTS, insert_quantizers_by_placement, placement_points
+from swa_lib.quant.quantize import quantize, rounding_bits
 
 __all__ = [
     "BlockFloat", "quantize", "rounding_bits", "fused_rounding_bits",

@@ -26,12 +26,12 @@ unbiasedness of the rounding and the balance of every noise bit.
 
 import functools
 import math
-from typing import Optional
+
 
 import torch
 
-from .number import BlockFloat
-from .quantize import _COMPUTE_DTYPE, _FLOAT_LAYOUT, NOISE_BITS, _exact_pow2
+from swa_lib.quant.bits import COMPUTE_DTYPE, FLOAT_LAYOUT, NOISE_BITS, exact_pow2
+from swa_lib.quant.number import BlockFloat
 
 _MIX_MULTIPLIER = 0x45D9F3B  # < 2^27; int32 products wrap modulo 2^32
 _SEED_BOUND = (1 << 31) - 1
@@ -52,15 +52,15 @@ def _counter_bits(numel: int, seed: torch.Tensor, device) -> torch.Tensor:
     return _mix32(_mix32(index) ^ seed) & ((1 << NOISE_BITS) - 1)
 
 
-def draw_seed(generator: Optional[torch.Generator], device) -> torch.Tensor:
+def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
     """The per-call seed: a 0-d int32 tensor on `device`, drawn from `generator` (or the
     device's default generator). No host sync."""
     return torch.randint(0, _SEED_BOUND, (), generator=generator, device=device,
                          dtype=torch.int32)
 
 
-def fused_rounding_bits(shape, generator: Optional[torch.Generator] = None,
-                        device: Optional[torch.device] = None) -> torch.Tensor:
+def fused_rounding_bits(shape, generator: torch.Generator | None = None,
+                        device: torch.device | None = None) -> torch.Tensor:
     """The stochastic-rounding noise of `quantize(..., fused=True)` for a tensor of
     `shape`: uniform integers in [0, 2^24), int32, row-major. Draws one seed from
     `generator`, as quantize does, so tests can replay exactly the noise of a call."""
@@ -77,7 +77,7 @@ def _floor_log2(m: torch.Tensor):
     float64 frexp (an int32 exponent next to float64 lanes). Subnormals are first scaled
     by 2^64 (exact) into the normal range.
     """
-    mantissa_bits, bias, int_dtype = _FLOAT_LAYOUT[m.dtype]
+    mantissa_bits, bias, int_dtype = FLOAT_LAYOUT[m.dtype]
     subnormal = m < 2.0 ** (1 - bias)
     bits = torch.where(subnormal, m * 2.0 ** 64, m).view(int_dtype)
     e = (bits >> mantissa_bits) - bias - subnormal.to(int_dtype) * 64
@@ -99,7 +99,7 @@ def _block_scales(rows: torch.Tensor, word_length: int, one_block: bool):
     torch.compile(dynamic=True), so one compiled kernel serves every word length.
     """
     dtype = rows.dtype
-    bias = _FLOAT_LAYOUT[dtype][1]
+    bias = FLOAT_LAYOUT[dtype][1]
     dims = (0, 1) if one_block else 1
     lo, hi = rows.amin(dim=dims, keepdim=True), rows.amax(dim=dims, keepdim=True)
     max_abs = torch.maximum(hi, -lo)
@@ -109,14 +109,14 @@ def _block_scales(rows: torch.Tensor, word_length: int, one_block: bool):
     lowest_exp = 2 - bias
     shift_exp = (lowest_exp - step_exp).clamp(min=0) - (step_exp + lowest_exp).clamp(min=0)
     step_exp = step_exp + shift_exp
-    return (_exact_pow2(shift_exp, dtype), _exact_pow2(-step_exp, dtype),
-            _exact_pow2(step_exp, dtype), _exact_pow2(-shift_exp, dtype),
+    return (exact_pow2(shift_exp, dtype), exact_pow2(-step_exp, dtype),
+            exact_pow2(step_exp, dtype), exact_pow2(-shift_exp, dtype),
             torch.isfinite(max_abs).all())
 
 
 def _round_scaled(rows: torch.Tensor, pre: torch.Tensor, inv_step: torch.Tensor,
                   step: torch.Tensor, post: torch.Tensor, int_max: int,
-                  seed: Optional[torch.Tensor]) -> torch.Tensor:
+                  seed: torch.Tensor | None) -> torch.Tensor:
     """The elementwise rounding, with the eager quantize's arithmetic: v = x * pre *
     inv_step (exact), floor, the rounding decision (`seed` None: nearest, half up),
     clamp to [-int_max - 1, int_max], back to x's units. int_max is passed in rather than
@@ -161,7 +161,7 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def quantize_fused(x: torch.Tensor, fmt: BlockFloat, generator: Optional[torch.Generator],
+def quantize_fused(x: torch.Tensor, fmt: BlockFloat, generator: torch.Generator | None,
                    compiled: bool = True) -> torch.Tensor:
     """Body of quantize(x, fmt, generator, fused=True); x is a non-empty float tensor.
 
@@ -181,7 +181,7 @@ def quantize_fused(x: torch.Tensor, fmt: BlockFloat, generator: Optional[torch.G
     # still one contiguous row, and the result keeps that layout.
     channels_last = (x.dim() == 4 and not x.is_contiguous()
                      and x.is_contiguous(memory_format=torch.channels_last))
-    compute = x.to(_COMPUTE_DTYPE[x.dtype])
+    compute = x.to(COMPUTE_DTYPE[x.dtype])
     if channels_last:
         compute = compute.permute(0, 2, 3, 1)
     rows = compute.reshape(x.shape[0] if x.dim() >= 2 else 1, -1).detach()

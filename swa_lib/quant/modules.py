@@ -14,15 +14,15 @@ the points one by one; swa_lib.quant.placement names the official placements.
 """
 
 import contextlib
-from typing import Iterable, Iterator, Optional, Tuple, Type
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn as nn
 
-from .number import BlockFloat, check_format
-from .quantize import quantize
+from swa_lib.quant.number import BlockFloat, check_format
+from swa_lib.quant.quantize import quantize
 
-QUANTIZED_LAYER_TYPES: Tuple[Type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+QUANTIZED_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 _ATTRIBUTE = "input_quantizer"  # child names on each quantized layer
 _OUTPUT_ATTRIBUTE = "output_quantizer"
 
@@ -45,9 +45,9 @@ class _QuantizeActivationError(torch.autograd.Function):
         return quantize(grad_output, ctx.fmt_err, ctx.generator, ctx.fused), None, None, None, None
 
 
-def quantize_activation_error(x: torch.Tensor, fmt_act: Optional[BlockFloat],
-                              fmt_err: Optional[BlockFloat],
-                              generator: Optional[torch.Generator] = None,
+def quantize_activation_error(x: torch.Tensor, fmt_act: BlockFloat | None,
+                              fmt_err: BlockFloat | None,
+                              generator: torch.Generator | None = None,
                               fused: bool = False) -> torch.Tensor:
     """Quantize x with fmt_act now and its gradient with fmt_err in the backward pass.
 
@@ -78,8 +78,8 @@ class ActivationErrorQuantizer(nn.Module):
     ValueError in the backward pass (see `quantize`).
     """
 
-    def __init__(self, fmt_act: Optional[BlockFloat], fmt_err: Optional[BlockFloat],
-                 generator: Optional[torch.Generator] = None, fused: bool = False):
+    def __init__(self, fmt_act: BlockFloat | None, fmt_err: BlockFloat | None,
+                 generator: torch.Generator | None = None, fused: bool = False):
         super().__init__()
         self.fmt_act = check_format(fmt_act, "fmt_act")
         self.fmt_err = check_format(fmt_err, "fmt_err")
@@ -101,16 +101,16 @@ class ActivationErrorQuantizer(nn.Module):
 class ActivationQuantizer(ActivationErrorQuantizer):
     """Quantizes activations in the forward pass only."""
 
-    def __init__(self, fmt_act: Optional[BlockFloat],
-                 generator: Optional[torch.Generator] = None, fused: bool = False):
+    def __init__(self, fmt_act: BlockFloat | None,
+                 generator: torch.Generator | None = None, fused: bool = False):
         super().__init__(fmt_act, None, generator, fused)
 
 
 class ErrorQuantizer(ActivationErrorQuantizer):
     """Quantizes errors (gradients) in the backward pass only."""
 
-    def __init__(self, fmt_err: Optional[BlockFloat],
-                 generator: Optional[torch.Generator] = None, fused: bool = False):
+    def __init__(self, fmt_err: BlockFloat | None,
+                 generator: torch.Generator | None = None, fused: bool = False):
         super().__init__(None, fmt_err, generator, fused)
 
 
@@ -128,10 +128,10 @@ def _quantize_output_hook(layer: nn.Module, args: tuple, output: torch.Tensor):
     return output if quantizer is None else quantizer(output)
 
 
-def insert_quantizers(model: nn.Module, fmt_act: Optional[BlockFloat],
-                      fmt_err: Optional[BlockFloat],
-                      generator: Optional[torch.Generator] = None,
-                      layer_types: Tuple[Type[nn.Module], ...] = QUANTIZED_LAYER_TYPES,
+def insert_quantizers(model: nn.Module, fmt_act: BlockFloat | None,
+                      fmt_err: BlockFloat | None,
+                      generator: torch.Generator | None = None,
+                      layer_types: tuple[type[nn.Module], ...] = QUANTIZED_LAYER_TYPES,
                       exclude: Iterable[str] = (), outputs: bool = False,
                       fused: bool = False) -> nn.Module:
     """Quantize the input (forward) and input gradient (backward) of every layer of
@@ -173,10 +173,10 @@ def insert_quantizers(model: nn.Module, fmt_act: Optional[BlockFloat],
                                 fused=fused)
 
 
-def insert_quantizers_at(model: nn.Module, fmt_act: Optional[BlockFloat],
-                         fmt_err: Optional[BlockFloat], inputs: Iterable[str] = (),
+def insert_quantizers_at(model: nn.Module, fmt_act: BlockFloat | None,
+                         fmt_err: BlockFloat | None, inputs: Iterable[str] = (),
                          outputs: Iterable[str] = (),
-                         generator: Optional[torch.Generator] = None,
+                         generator: torch.Generator | None = None,
                          fused: bool = False) -> nn.Module:
     """Quantize the input of each module named in `inputs` and the output of each one
     named in `outputs` (activations forward, errors backward), in place; returns the model.

@@ -6,7 +6,7 @@ i * 2^(e - word_length_bits + 2) with i in [-2^(wl-1), 2^(wl-1) - 1].
 """
 
 from dataclasses import dataclass
-from typing import Optional
+
 
 BLOCK_DESIGNS = ("small", "big")
 ROUNDINGS = ("stochastic", "nearest")
@@ -31,7 +31,7 @@ class BlockFloat:
             half up, floor(v + 0.5), as QPyTorch; the official SWALP code uses
             torch.round, which rounds half to even).
 
-    Call sites take `Optional[BlockFloat]`; None there means full precision.
+    Call sites take `BlockFloat | None`; None there means full precision.
     """
 
     word_length_bits: int = 8
@@ -67,7 +67,7 @@ class BlockFloat:
         return f"BlockFloat(wl={self.word_length_bits}, {self.block} block, {self.rounding})"
 
 
-def check_format(fmt: Optional[BlockFloat], name: str) -> Optional[BlockFloat]:
+def check_format(fmt: BlockFloat | None, name: str) -> BlockFloat | None:
     """Return `fmt` if it is a BlockFloat or None, else raise TypeError naming `name`."""
     if fmt is not None and not isinstance(fmt, BlockFloat):
         raise TypeError(f"{name} must be a BlockFloat or None (full precision), "

@@ -1,12 +1,13 @@
 """SWALP's low-precision SGD as a wrapper around torch.optim.SGD."""
 
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.optim import SGD, Optimizer
 
-from .number import BlockFloat, check_format
-from .quantize import quantize
+from swa_lib.quant.number import BlockFloat, check_format
+from swa_lib.quant.quantize import quantize
 
 ACCUMULATOR_KEY = "weight_accumulator"  # per-parameter optimizer state, saved in checkpoints
 
@@ -61,11 +62,11 @@ class QuantizedSGD(Optimizer):
         ...                          fmt_acc=f8)
     """
 
-    def __init__(self, optimizer: SGD, fmt_weight: Optional[BlockFloat] = None,
-                 fmt_grad: Optional[BlockFloat] = None,
-                 fmt_momentum: Optional[BlockFloat] = None,
-                 fmt_acc: Optional[BlockFloat] = None,
-                 generator: Optional[torch.Generator] = None, fused: bool = False):
+    def __init__(self, optimizer: SGD, fmt_weight: BlockFloat | None = None,
+                 fmt_grad: BlockFloat | None = None,
+                 fmt_momentum: BlockFloat | None = None,
+                 fmt_acc: BlockFloat | None = None,
+                 generator: torch.Generator | None = None, fused: bool = False):
         if not isinstance(optimizer, SGD):
             raise TypeError(f"QuantizedSGD wraps a torch.optim.SGD, got "
                             f"{type(optimizer).__name__}")
@@ -84,12 +85,12 @@ class QuantizedSGD(Optimizer):
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
 
-    def _params_with_grad(self) -> List[torch.Tensor]:
+    def _params_with_grad(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]
                 if p.grad is not None]
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One SWALP step (see the class docstring for the order); returns the loss
         from `closure` if one is given."""
         loss = None
@@ -126,11 +127,11 @@ class QuantizedSGD(Optimizer):
                 momentum.copy_(quantize(momentum, self.fmt_momentum, self.generator, self.fused))
         return loss
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The wrapped SGD's state_dict; it includes the weight accumulators."""
         return self.optimizer.state_dict()
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load into the wrapped SGD and share its new state and param_groups."""
         self.optimizer.load_state_dict(state_dict)
         self._share_with_inner()

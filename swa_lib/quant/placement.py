@@ -16,20 +16,18 @@
                   shortcut conv or the input of the final FC layer.
 """
 
-from typing import List, Optional, Tuple
-
 import torch
 import torch.nn as nn
 
-from .modules import insert_quantizers_at
-from .number import BlockFloat
+from swa_lib.quant.modules import insert_quantizers_at
+from swa_lib.quant.number import BlockFloat
 
 PLACEMENTS = ("layer_inputs", "relu_outputs", "official")
 # Model names (models.available_models()) that have an official placement.
 OFFICIAL_PLACEMENT_MODELS = ("vgg16", "vgg16_bn", "preresnet110", "preresnet164")
 
 
-def placement_points(model: nn.Module, placement: str) -> Tuple[List[str], List[str]]:
+def placement_points(model: nn.Module, placement: str) -> tuple[list[str], list[str]]:
     """The module names whose input, and those whose output, `placement` quantizes."""
     from models.preresnet import PreActBasicBlock, PreActBottleneck, PreResNet
     from models.vgg import VGG
@@ -54,9 +52,9 @@ def placement_points(model: nn.Module, placement: str) -> Tuple[List[str], List[
     raise ValueError(f"quant placement {placement!r} is not one of {', '.join(PLACEMENTS)}")
 
 
-def insert_quantizers_by_placement(model: nn.Module, placement: str, fmt_act: Optional[BlockFloat],
-                                   fmt_err: Optional[BlockFloat],
-                                   generator: Optional[torch.Generator] = None,
+def insert_quantizers_by_placement(model: nn.Module, placement: str, fmt_act: BlockFloat | None,
+                                   fmt_err: BlockFloat | None,
+                                   generator: torch.Generator | None = None,
                                    fused: bool = False) -> nn.Module:
     """Put activation / error quantizers into `model` (in place) where `placement` says."""
     inputs, outputs = placement_points(model, placement)

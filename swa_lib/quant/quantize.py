@@ -35,34 +35,13 @@ Where this differs from the official SWALP quantizer (`models/quantizer.py`):
 """
 
 import math
-from typing import Optional
+
 
 import torch
 
-from .number import BlockFloat, check_format
-
-# Half types are computed in float32: their few mantissa bits cannot hold r + U*step.
-_COMPUTE_DTYPE = {
-    torch.float16: torch.float32,
-    torch.bfloat16: torch.float32,
-    torch.float32: torch.float32,
-    torch.float64: torch.float64,
-}
-# (mantissa bits, exponent bias, integer type of the same width) of each compute dtype.
-_FLOAT_LAYOUT = {
-    torch.float32: (23, 127, torch.int32),
-    torch.float64: (52, 1023, torch.int64),
-}
-
-
-def _exact_pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """2.0 ** k for integer k in the dtype's normal range, built from the exponent bits.
-
-    Exact on every device, where exp2/pow/ldexp promise only an ulp bound.
-    """
-    mantissa_bits, bias, int_dtype = _FLOAT_LAYOUT[dtype]
-    return ((k.to(int_dtype) + bias) << mantissa_bits).view(dtype)
-
+from swa_lib.quant.bits import COMPUTE_DTYPE, FLOAT_LAYOUT, NOISE_BITS, exact_pow2
+from swa_lib.quant.fused import quantize_fused
+from swa_lib.quant.number import BlockFloat, check_format
 
 def _block_exponent(x: torch.Tensor, fmt: BlockFloat):
     """Shared exponent e of each block (int tensor shaped to broadcast against x),
@@ -83,11 +62,9 @@ def _block_exponent(x: torch.Tensor, fmt: BlockFloat):
     return e.reshape(block_shape), torch.isfinite(max_abs).all()
 
 
-NOISE_BITS = 24
 
-
-def rounding_bits(shape, generator: Optional[torch.Generator] = None,
-                  device: Optional[torch.device] = None) -> torch.Tensor:
+def rounding_bits(shape, generator: torch.Generator | None = None,
+                  device: torch.device | None = None) -> torch.Tensor:
     """The stochastic-rounding noise of `quantize`: uniform integers in [0, 2^24), int32.
 
     Drawn as ceil(n / 2) int64 `random_` words from `generator` on `device`, each split
@@ -99,8 +76,8 @@ def rounding_bits(shape, generator: Optional[torch.Generator] = None,
     return words.view(torch.int32)[:n].bitwise_and_((1 << NOISE_BITS) - 1).reshape(shape)
 
 
-def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
-             generator: Optional[torch.Generator] = None, fused: bool = False) -> torch.Tensor:
+def quantize(x: torch.Tensor, fmt: BlockFloat | None,
+             generator: torch.Generator | None = None, fused: bool = False) -> torch.Tensor:
     """Round x onto the block-floating-point grid of `fmt`; returns a new tensor.
 
     Args:
@@ -131,15 +108,14 @@ def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
     """
     if check_format(fmt, "fmt") is None:
         return x
-    if x.dtype not in _COMPUTE_DTYPE:
+    if x.dtype not in COMPUTE_DTYPE:
         raise TypeError(f"quantize expects a floating-point tensor "
                         f"(float16, bfloat16, float32, float64), got dtype {x.dtype}")
     if x.numel() == 0:
         return x.detach().clone()
     if fused:
-        from .fused import quantize_fused  # here: fused.py imports from this module
         return quantize_fused(x, fmt, generator)
-    dtype = _COMPUTE_DTYPE[x.dtype]
+    dtype = COMPUTE_DTYPE[x.dtype]
     with torch.no_grad():
         xc = x.detach().to(dtype)
         e, finite = _block_exponent(xc, fmt)
@@ -149,7 +125,7 @@ def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
         # for tiny blocks, down for the few near the dtype's top) and shifted back at the
         # end. Down-shifting can make values far below the block's max subnormal; they
         # lie below 2^-240 steps, where no rounding decision depends on their lost bits.
-        lowest_exp = 2 - _FLOAT_LAYOUT[dtype][1]  # -125 (float32), -1021 (float64)
+        lowest_exp = 2 - FLOAT_LAYOUT[dtype][1]  # -125 (float32), -1021 (float64)
         shift_exp = (lowest_exp - step_exp).clamp_(min=0) - (step_exp + lowest_exp).clamp_(min=0)
         is_finite, needs_shift = torch.stack([finite, (shift_exp != 0).any()]).tolist()
         if not is_finite:
@@ -158,9 +134,9 @@ def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
                              f"({bad} of {x.numel()} elements are NaN or inf), shape "
                              f"{tuple(x.shape)}; expected finite values")
         if needs_shift:
-            xc = xc * _exact_pow2(shift_exp, dtype)
+            xc = xc * exact_pow2(shift_exp, dtype)
             step_exp = step_exp + shift_exp
-        v = xc * _exact_pow2(-step_exp, dtype)  # grid units, exact: |v| <= 2^(wl-1)
+        v = xc * exact_pow2(-step_exp, dtype)  # grid units, exact: |v| <= 2^(wl-1)
         q = torch.floor(v)
         frac = v.sub_(q)  # in [0, 1]
         if fmt.rounding == "stochastic":
@@ -171,7 +147,7 @@ def quantize(x: torch.Tensor, fmt: Optional[BlockFloat],
             round_up = frac.ge_(0.5)  # half up; a float 0/1 in place
         q.add_(round_up)
         # Only the top can overflow (|x| < 2^(e+1)); the bottom bound is for clarity.
-        q.clamp_(fmt.int_min, fmt.int_max).mul_(_exact_pow2(step_exp, dtype))
+        q.clamp_(fmt.int_min, fmt.int_max).mul_(exact_pow2(step_exp, dtype))
         if needs_shift:
-            q.mul_(_exact_pow2(-shift_exp, dtype))
+            q.mul_(exact_pow2(-shift_exp, dtype))
         return q.to(x.dtype)

@@ -28,7 +28,7 @@ from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import load_config
 from swa_lib.methods import DataShard
-from swa_lib.methods.hwa import flat_parameters
+from swa_lib.averaging import flat_parameters
 
 PERIOD, WINDOW, EPOCHS, MODEL_BATCH = 3, 3, 2, 32  # 384 images / 32 = 12 steps per epoch, 8 cycles
 data.load_dataset = functools.lru_cache(data.load_dataset)  # six trainers here read the same arrays
@@ -125,7 +125,7 @@ def main():
     summary = main_run.fit()
     s = main_run.strategy
     check(s.cycles == len(synced) == EPOCHS * 384 // MODEL_BATCH // PERIOD, f"{s.cycles} cycles, {len(synced)} syncs")
-    check(len(s.window) == WINDOW and all(torch.equal(a, b) for a, b in zip(s.window, synced[-WINDOW:])),
+    check(len(s.window) == WINDOW and all(torch.equal(a, b) for a, b in zip(s.window, synced[-WINDOW:], strict=True)),
           "the window is not the last M synced weights")
     hand = torch.stack(synced[-WINDOW:]).double().mean(0).float()
     err = (flat_parameters(s.average) - hand).abs().max().item()
@@ -133,7 +133,8 @@ def main():
     outputs = comm.allgather_object((flat_parameters(s.average), [b.clone() for b in s.average.buffers()],
                                      summary["final"]["output/acc"]))
     for w, bufs, acc in outputs:
-        check(torch.equal(w, outputs[0][0]) and all(torch.equal(a, b) for a, b in zip(bufs, outputs[0][1]))
+        check(torch.equal(w, outputs[0][0]) and len(bufs) > 0
+              and all(torch.equal(a, b) for a, b in zip(bufs, outputs[0][1], strict=True))
               and acc == outputs[0][2], "the hwa output (weights, BN statistics, accuracy) differs between ranks")
     check(summary["output_name"] == "hwa", summary["output_name"])
 
@@ -151,7 +152,7 @@ def main():
     resumed.fit()
     r = resumed.strategy
     check(r.cycles == s.cycles and len(r.window) == len(s.window)
-          and all(torch.equal(a, b) for a, b in zip(r.window, s.window)),
+          and len(r.window) > 0 and all(torch.equal(a, b) for a, b in zip(r.window, s.window, strict=True)),
           "resume: window or cycle counter differ")
     check(torch.equal(flat_parameters(resumed.ctx.model), flat_parameters(main_run.ctx.model)),
           "resume: the training model differs from the uninterrupted run")

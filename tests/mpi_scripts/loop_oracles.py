@@ -43,7 +43,7 @@ def main():
                         run_dir / f"ref{rank}")
     ref_summary = ref.fit()
     check(dp.ctx.step == ref.ctx.step, f"steps {dp.ctx.step} vs reference {ref.ctx.step}")
-    for (name, a), b in zip(dp.ctx.model.state_dict().items(), ref.ctx.model.state_dict().values()):
+    for (name, a), b in zip(dp.ctx.model.state_dict().items(), ref.ctx.model.state_dict().values(), strict=True):
         err = (a - b).abs().max().item()
         check(err < 1e-5, f"{name}: data-parallel differs from 1 process with {size}x batch by {err}")
     acc_dp, acc_ref = dp_summary["final"]["model/acc"], ref_summary["final"]["model/acc"]

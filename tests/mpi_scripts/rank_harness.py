@@ -25,7 +25,7 @@ def run_rank(main) -> None:
     """
     try:
         main()
-    except BaseException:  # noqa: BLE001 - any failure must end the job, not hang it
+    except BaseException:  # any failure must end the job, not hang it
         rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", "?"))
         sys.stdout.flush()
         sys.stderr.write(f"[rank {rank}] FAILED\n{traceback.format_exc()}")

@@ -12,7 +12,7 @@ process would get from update_bn over the union of the shards.
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -50,3 +50,15 @@ def update_bn_(model: nn.Module, batches: Iterable, *, comm=None, group=None,
     if comm is not None:
         # Distributed: equal batch counts per process make the mean of means exact.
         comm.allreduce_(buffers, op="mean", group=group)
+
+
+def recompute_bn_(model: nn.Module, workload, shard, epoch: int, *, comm=None, group=None,
+                  max_batches: int | None = None, device: torch.device | None = None) -> None:
+    """`update_bn_` on the training batches of `shard` (a DataShard) in `epoch`'s data order.
+
+    What every method's BN recompute reads: the loop's for its evaluation targets, SWAP's phase 3
+    (over the world) and its survivors (alone). Setting the epoch makes the batches independent
+    of what the cached loader did last, so a resumed run recomputes on the same ones."""
+    loader = workload.train_loader(shard)
+    loader.set_epoch(epoch)
+    update_bn_(model, loader, comm=comm, group=group, max_batches=max_batches, device=device)
