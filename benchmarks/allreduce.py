@@ -120,7 +120,8 @@ def main() -> None:
             f"- World size: {size} ranks on {size // hvd_comm.local_size} host(s); "
             f"torch threads per rank: {torch.get_num_threads()}; OMPI_MCA_mpi_yield_when_idle="
             f"{os.environ.get('OMPI_MCA_mpi_yield_when_idle')} (set by swa_lib.comm.init_comm)",
-            f"- Open MPI: {MPI.Get_library_version().replace(chr(0), '').splitlines()[0].strip()}; mpi4py {versions['mpi4py']}; "
+            f"- Open MPI: {MPI.Get_library_version().replace(chr(0), '').splitlines()[0].strip()}; "
+            f"mpi4py {versions['mpi4py']}; "
             f"torch {versions['torch']}; horovod {versions['horovod']}; numpy {versions['numpy']}",
             f"- Git commit: {git_commit()}",
             f"- Command (rank 0's argv, under mpirun -np {size}): `{' '.join([sys.executable] + sys.argv)}`",

@@ -145,7 +145,8 @@ def main() -> int:
               f"| step with EMA + LAWA / plain step - 1 (in the loop, noisier) | {100 * in_loop:+.2f}% |"]
     if on_gpu:
         lines += [
-            f"| EMA update, pinned CPU buffers / step | {100 * ratio('EMA update (pinned CPU buffers)', 'step'):.2f}% |",
+            "| EMA update, pinned CPU buffers / step | "
+            f"{100 * ratio('EMA update (pinned CPU buffers)', 'step'):.2f}% |",
             f"| LAWA update, pinned CPU buffers / step | "
             f"{100 * ratio('LAWA update (pinned CPU buffers)', 'step'):.2f}% |",
             f"| step with EMA + LAWA on pinned CPU buffers / plain step - 1 | "

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -206,7 +205,8 @@ def render(args, runs: list[tuple[str, dict, list, dict]], data_rows: list, seco
     cpu = num["cpu"]
     lines += ["", "## Provenance", "",
               f"- command: `./run.sh python benchmarks/determinism.py --epochs {args.epochs} --train {args.train} "
-              f"--decode-images {args.decode_images} --jobs {args.jobs}` ({seconds / 60:.1f} min, load average at start "
+              f"--decode-images {args.decode_images} --jobs {args.jobs}` ({seconds / 60:.1f} min, "
+              "load average at start "
               f"{args.load_at_start:.2f} on {os.cpu_count()} cores: shared with other jobs, which "
               "changes timings only)",
               f"- machine: {machine_description()}",

@@ -5,8 +5,8 @@ import io
 import lzma
 import tarfile
 import zlib
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError

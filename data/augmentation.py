@@ -38,8 +38,9 @@ class EpochPlan:
     flip: torch.Tensor | None = None
     crop: torch.Tensor | None = None
 
-    def to(self, device) -> "EpochPlan":
-        move = lambda t: None if t is None else t.to(device)
+    def to(self, device) -> EpochPlan:
+        def move(t):
+            return None if t is None else t.to(device)
         return EpochPlan(move(self.order), move(self.flip), move(self.crop))
 
 

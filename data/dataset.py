@@ -57,7 +57,7 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to(self, device) -> "ArrayDataset":
+    def to(self, device) -> ArrayDataset:
         """The same dataset with images and labels on `device` (one copy, shareable by loaders)."""
         return replace(self, images=self.images.to(device), labels=self.labels.to(device))
 

@@ -12,14 +12,20 @@ import logging
 import os
 import re
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from data.archive import DatasetError, decode_rgb, iter_tar_files
-from data.cache import (CACHE_FORMAT_VERSION, cache_lock, file_fingerprint, listing_fingerprint,
-                        read_arrays, write_arrays_)
+from data.cache import (
+    CACHE_FORMAT_VERSION,
+    cache_lock,
+    file_fingerprint,
+    listing_fingerprint,
+    read_arrays,
+    write_arrays_,
+)
 
 TAR_NAME = "tiny-imagenet-200-trainval.tar.xz"
 IMAGE_HW = (64, 64)

@@ -11,8 +11,8 @@ An API demo on a small real subset (see examples/common.py), not an accuracy cla
 import copy
 
 import torch
-
 from common import DEMO_NOTE, accuracy, load_subset, parse_args, shard_loader, small_cnn, train_epoch
+
 from swa_lib.methods import EMA, LAWA
 
 args = parse_args(__doc__, epochs=3, extra={"--every-steps": 4, "--window": 5, "--decay": 0.9})

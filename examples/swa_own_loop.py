@@ -6,9 +6,9 @@
 An API demo on a small real subset (see examples/common.py), not an accuracy claim.
 """
 import torch
+from common import DEMO_NOTE, accuracy, load_subset, parse_args, shard_loader, small_cnn
 from torch.optim.swa_utils import AveragedModel
 
-from common import DEMO_NOTE, accuracy, load_subset, parse_args, shard_loader, small_cnn
 from swa_lib.averaging import update_bn_
 from swa_lib.comm import allreduce_gradients_, init_comm
 
@@ -28,7 +28,8 @@ for epoch in range(args.epochs):
     loader.sampler.set_epoch(epoch)
     for x, y in loader:
         loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(); loss.backward()
+        opt.zero_grad()
+        loss.backward()
         allreduce_gradients_(comm, model)   # Distributed: mean gradient over all processes
         opt.step()
     if epoch + 1 >= swa_start:

@@ -8,9 +8,9 @@ unchanged). The average is torch's AveragedModel of a quantizer-free copy, once 
 An API demo on a small real subset (see examples/common.py), not an accuracy claim.
 """
 import torch
+from common import DEMO_NOTE, accuracy, load_subset, parse_args, shard_loader, small_cnn, train_epoch
 from torch.optim.swa_utils import AveragedModel
 
-from common import DEMO_NOTE, accuracy, load_subset, parse_args, shard_loader, small_cnn, train_epoch
 from swa_lib.averaging import update_bn_
 from swa_lib.quant import BlockFloat, QuantizedSGD, insert_quantizers, quantizers_disabled, remove_quantizers
 

@@ -12,8 +12,8 @@ An API demo on a small real subset (see examples/common.py), not an accuracy cla
 import copy
 
 import torch
-
 from common import DEMO_NOTE, accuracy, load_subset, parse_args, shard_loader, small_cnn, train_epoch
+
 from swa_lib.comm import allreduce_gradients_, init_comm
 from swa_lib.methods import swap_average_
 

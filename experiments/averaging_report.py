@@ -108,7 +108,8 @@ def _time_to_target(spec, summaries, seeds, results_dir: Path) -> list:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return lines + [("Test accuracy against optimizer steps: baseline, +LAWA, +EMA of one run (one line per seed)", path)]
+    caption = "Test accuracy against optimizer steps: baseline, +LAWA, +EMA of one run (one line per seed)"
+    return lines + [(caption, path)]
 
 
 def _window_sweep(spec, summaries, seeds, results_dir: Path) -> list:

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from experiments import summary as summary_page  # noqa: E402
 from experiments import tables  # noqa: E402
 from swa_lib.config import ConfigError, load_config, to_dict  # noqa: E402
-from swa_lib.run_log import git_commit, library_versions, machine_description  # noqa: E402
+from swa_lib.run_log import library_versions, machine_description  # noqa: E402
 from swa_lib.workload import model_names  # noqa: E402
 
 SPECS = ROOT / "configs" / "reproduce"
@@ -287,7 +287,7 @@ def provenance(spec: dict, name: str, summaries: dict, elapsed_s: float, at_once
     return [f"- command: `./run.sh reproduce {name}` (this invocation: {elapsed_s / 60:.1f} min; runs reused from "
             f"earlier invocations keep their own wall times)",
             f"- commit(s) of the runs: {', '.join(f'`{c}`' for c in commits)}",
-            f"- machine(s) of the runs: " + "; ".join(
+            "- machine(s) of the runs: " + "; ".join(
                 f"{m} ({n} run(s))" for m, n in sorted(machines.items())),
             f"- run dates: {min(dates)} to {max(dates)}" + (
                 " (runs restored from results/run_records/ ran in earlier sessions, possibly on another "
@@ -296,7 +296,7 @@ def provenance(spec: dict, name: str, summaries: dict, elapsed_s: float, at_once
             f"- cores shared: {layout or 'not recorded'}; other tables running "
             f"at the same time: {others}; load average (1 min) during the runs: "
             f"{min(loads):.1f}-{max(loads):.1f} (median {sorted(loads)[len(loads) // 2]:.1f}; 2 cores)",
-            f"- data: " + "; ".join(f"{tr:,} training images, evaluated on {ev:,} {split} images"
+            "- data: " + "; ".join(f"{tr:,} training images, evaluated on {ev:,} {split} images"
                                     for tr, ev, split in data),
             f"- precision: {', '.join(precision)}",
             f"- table written: {dt.date.today().isoformat()}",

@@ -180,7 +180,8 @@ def time_table(spec, summaries, run_base, results_dir):
         steps = [r["steps"] for r in runs]
         modelled = [r["final"]["time/train"] * scale for r in runs]
         per_phase = _phase_steps(runs[0])
-        lines.append(f"| {label} | {mean_std(measured, '{:.1f}')} | {mean_std(steps, '{:.0f}')} | {mean_std(modelled, '{:.1f}')} | "
+        lines.append(f"| {label} | {mean_std(measured, '{:.1f}')} | {mean_std(steps, '{:.0f}')} | "
+                     f"{mean_std(modelled, '{:.1f}')} | "
                      + ", ".join(f"{p}: {n}" for p, n in per_phase.items()) + f" (seed {seeds[0]}) |")
     return ["\n".join(lines)]
 

@@ -116,7 +116,8 @@ def render(spec: dict, summaries: dict, provenance: list[str], plots: list[str])
         for a, b, *title in spec["paired"]:  # an optional third entry names the difference
             diff = t.difference(a, b)
             name = title[0] if title else f"{a} − {b}"
-            lines.append(f"| {name} | {mean_std(list(diff.values()))} | {', '.join(f'{d:+.2f}' for d in diff.values())} |")
+            per_seed = ", ".join(f"{d:+.2f}" for d in diff.values())
+            lines.append(f"| {name} | {mean_std(list(diff.values()))} | {per_seed} |")
             numbers["paired"][name] = {"a": a, "b": b, "per_seed": diff}
     numbers["claims"] = []
     for claim in spec.get("claims", []):

@@ -123,7 +123,7 @@ def check_resumable(directory: str | Path, identity: dict, world_size: int) -> l
         if diff:
             problems.append(f"checkpoint {where} was written by another config; resuming would mix two runs. "
                             f"Differing keys: " + "; ".join(diff) + ". Use the checkpoint's config to resume, "
-                            f"or another run directory (--run-dir, run.name) for the new config")
+                            "or another run directory (--run-dir, run.name) for the new config")
     return problems
 
 

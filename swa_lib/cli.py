@@ -106,7 +106,8 @@ def main(argv=None, description: str = "Train with weight averaging.", default_m
                       f"run the same command again to continue from {run_dir}")
         elif comm.rank == 0:
             out = summary["output_name"]
-            print(f"done: {out} test acc {summary['final']['output/acc']:.4f}, wall {summary['final']['wall_s']:.1f} s, "
+            final = summary["final"]
+            print(f"done: {out} test acc {final['output/acc']:.4f}, wall {final['wall_s']:.1f} s, "
                   f"run dir {run_dir} (tensorboard --logdir {run_dir.parent})")
         comm.shutdown()
         return 0

@@ -13,16 +13,31 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 
 import yaml
 
 from swa_lib.errors import ConfigError
 from swa_lib.methods import method_config_class
-from swa_lib.sections import (AUGMENTS, BACKENDS, DATASETS, DEVICES, LR_UPDATES, PRECISIONS, SCHEDULES, Config,
-                              DataConfig, DistConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig,
-                              ScheduleConfig, from_dict)
+from swa_lib.sections import (
+    AUGMENTS,
+    BACKENDS,
+    DATASETS,
+    DEVICES,
+    LR_UPDATES,
+    PRECISIONS,
+    SCHEDULES,
+    Config,
+    DataConfig,
+    DistConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    from_dict,
+)
 
 # Re-exported: the sections and ConfigError have always been importable from here.
 __all__ = ["ConfigError", "Config", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "EvalConfig",

@@ -5,7 +5,6 @@ import os
 import signal
 import threading
 
-
 # sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": what a
 # preempted run is. Schedulers and job scripts can requeue on it (e.g. Slurm's --requeue
 # logic in a wrapper) and treat every other non-zero code as a real failure.

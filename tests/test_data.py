@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 import data
-from data_helpers import first_batches
 from data.cifar10_jpg import CLASSES as CIFAR10_CLASSES
 from data.dataset import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, class_balanced_order
+from data_helpers import first_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("SWA_DATA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -62,8 +62,10 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_cifar10_jpg_matches_lossless_originals(cifar_train, cifar_test):
     folder = DATA_ROOT / "cifar10" / "lossless_subset"
     # Each sheet row is one image: 1024 RGB pixels in raster order.
-    sheet = lambda n: np.asarray(Image.open(folder / f"cifar10_batch_{n}.png").convert("RGB")
-                                 ).reshape(1000, 32, 32, 3).transpose(0, 3, 1, 2)
+    def sheet(n):
+        image = Image.open(folder / f"cifar10_batch_{n}.png").convert("RGB")
+        return np.asarray(image).reshape(1000, 32, 32, 3).transpose(0, 3, 1, 2)
+
     labels = json.loads(re.search(r"\[.*\]", (folder / "cifar10_labels.js").read_text(), re.S).group(0))
     assert cifar_train.labels[:2000].tolist() == labels[:2000]
     assert cifar_test.labels[:1000].tolist() == labels[50000:51000]
@@ -310,9 +312,10 @@ def test_image_folder_eval_batches_and_labels(imagenet_sample):
 
 
 def test_image_folder_train_shards_match_one_process(imagenet_sample):
-    make = lambda rank, count, batch, workers=0: data.build_image_folder_loader(
-        imagenet_sample, "train", batch, train=True, shard_rank=rank, shard_count=count, seed=1,
-        num_workers=workers)
+    def make(rank, count, batch, workers=0):
+        return data.build_image_folder_loader(imagenet_sample, "train", batch, train=True, shard_rank=rank,
+                                              shard_count=count, seed=1, num_workers=workers)
+
     single, shards = make(0, 1, 8), [make(r, 2, 4) for r in range(2)]
     assert len(single) == len(shards[0]) == len(shards[1]) == 12
     # Full-size decoding is slow on 2 cores: the first 3 global batches (24 images) carry the check.
@@ -327,7 +330,7 @@ def test_image_folder_train_shards_match_one_process(imagenet_sample):
     assert not torch.equal(first_batches(single, 2, count=1)[0][1], reference[0][1])
 
 
-def _indexed_dataset(labels: np.ndarray) -> "data.ArrayDataset":
+def _indexed_dataset(labels: np.ndarray) -> data.ArrayDataset:
     """Images that spell out their own index in the first two pixels (a partition oracle)."""
     n = len(labels)
     images = torch.zeros((n, 3, 4, 4), dtype=torch.uint8)

@@ -1,7 +1,6 @@
 """--dry-run: every config prints its plan without loading data; the LRs are the ones training uses."""
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from mpi_util import PYTHON, REPO_ROOT, assert_ranks_said, run_mpi
+from swa_lib.averaging import flat_parameters
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import ConfigError, load_config
-from swa_lib.averaging import flat_parameters
 
 SCRIPT = Path(__file__).parent / "mpi_scripts" / "hwa_oracles.py"
 # 192 images / batch 32 = 6 steps per epoch, 12 steps in all.

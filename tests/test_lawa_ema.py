@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from mpi_util import assert_ranks_said, run_mpi
+from swa_lib.averaging import EMA, LAWA, averaged_tensors
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import ConfigError, load_config
-from swa_lib.averaging import EMA, LAWA, averaged_tensors
 from swa_lib.time_to_target import time_to_target
 
 TINY = ["data.dataset=cifar10_jpg", "data.train_subset=192", "data.test_subset=200", "model.name=resnet9",

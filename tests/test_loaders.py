@@ -11,7 +11,6 @@ import data
 from data.augmentation import draw_epoch_plan, flip_where, resized_crop, translate_crop
 from data_helpers import epoch_batches, make_dataset, normalise
 
-
 # ---------------------------------------------------------------- sharding and order
 
 @pytest.mark.parametrize("augment", [None, "cifar", "imagenet"])
@@ -21,9 +20,9 @@ def test_shards_together_equal_one_process_with_the_global_batch(augment, shards
     single = data.ShardedLoader(ds, batch * shards, train=True, augment=augment, seed=3)
     loaders = [data.ShardedLoader(ds, batch, train=True, augment=augment, shard_rank=r,
                                   shard_count=shards, seed=3) for r in range(shards)]
-    assert {len(l) for l in loaders} == {len(single)} == {len(ds) // (batch * shards)}
+    assert {len(loader) for loader in loaders} == {len(single)} == {len(ds) // (batch * shards)}
     for epoch in (0, 1):
-        per_shard = [epoch_batches(l, epoch) for l in loaders]
+        per_shard = [epoch_batches(loader, epoch) for loader in loaders]
         reference = epoch_batches(single, epoch)
         for i, (x_ref, y_ref) in enumerate(reference):
             assert torch.equal(torch.cat([b[i][1] for b in per_shard]), y_ref)
@@ -34,11 +33,15 @@ def test_shards_together_equal_one_process_with_the_global_batch(augment, shards
 
 def test_same_seed_and_epoch_repeat_other_seeds_and_epochs_differ():
     ds = make_dataset()
-    make = lambda seed: data.ShardedLoader(ds, 8, train=True, augment="cifar", seed=seed)
+    def make(seed):
+        return data.ShardedLoader(ds, 8, train=True, augment="cifar", seed=seed)
+
     first, again = epoch_batches(make(0), 5), epoch_batches(make(0), 5)  # a fresh loader = a resumed run
     assert first and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                          for a, b in zip(first, again, strict=True))
-    order = lambda batches: torch.cat([y for _, y in batches])
+    def order(batches):
+        return torch.cat([y for _, y in batches])
+
     assert not torch.equal(order(first), order(epoch_batches(make(1), 5)))
     assert not torch.equal(order(first), order(epoch_batches(make(0), 6)))
 
@@ -48,8 +51,8 @@ def test_eval_shards_cover_every_example_once(num, shards):
     ds = make_dataset(num)
     loaders = [data.ShardedLoader(ds, 8, train=False, augment=None, shard_rank=r, shard_count=shards,
                                   channels_last=True) for r in range(shards)]
-    batches = [b for l in loaders for b in l]
-    assert sum(len(l) for l in loaders) == len(batches)
+    batches = [b for loader in loaders for b in loader]
+    assert sum(len(loader) for loader in loaders) == len(batches)
     y = torch.cat([y for _, y in batches])
     assert sorted(y.tolist()) == list(range(len(ds)))
     x = torch.cat([x for x, _ in batches])

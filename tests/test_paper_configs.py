@@ -17,7 +17,6 @@ real image per class (all 200 classes) from the official archive.
 """
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import tarfile
@@ -26,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 import data
 from mpi_util import MPIRUN, PYTHON, REPO_ROOT

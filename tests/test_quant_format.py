@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from swa_lib.quant import BlockFloat, fused_rounding_bits, quantize, rounding_bits
 from quant_helpers import ALL_FORMATS, assert_is_a_grid_neighbour, assert_on_grid, gen, varied_tensor
+from swa_lib.quant import BlockFloat, fused_rounding_bits, quantize, rounding_bits
 
 both = pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 

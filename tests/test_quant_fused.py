@@ -13,10 +13,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from swa_lib.quant import (BlockFloat, QuantizedSGD, fused_rounding_bits, insert_quantizers,
-                           quantize)
-from swa_lib.quant.fused import quantize_fused
 from quant_helpers import ALL_FORMATS, gen, varied_tensor
+from swa_lib.quant import BlockFloat, QuantizedSGD, fused_rounding_bits, insert_quantizers, quantize
+from swa_lib.quant.fused import quantize_fused
 
 
 def extreme_tensor(dtype) -> torch.Tensor:

@@ -10,10 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from swa_lib.quant import (BlockFloat, QuantizedSGD, insert_quantizers, quantize,
-                           quantizers_disabled, remove_quantizers)
 from quant_helpers import SMALL_NEAREST, assert_on_grid, gen
-
+from swa_lib.quant import BlockFloat, QuantizedSGD, insert_quantizers, quantize, quantizers_disabled, remove_quantizers
 
 # ---------------------------------------------------------------- QuantizedSGD
 

@@ -156,7 +156,10 @@ def test_smoke_table_end_to_end(tmp_path):
             assert numbers["rows"][label]["per_seed"][str(seed)] == pytest.approx(100 * run["final"]["output/acc"])
 
 
-@pytest.mark.parametrize("spec_path", sorted((REPO_ROOT / "configs" / "reproduce").glob("*.yaml")), ids=lambda p: p.stem)
+SPECS = sorted((REPO_ROOT / "configs" / "reproduce").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
 def test_every_table_spec_is_well_formed(spec_path):
     """Before an hour of training: every row's config resolves, every ref names a row, plots import.
 

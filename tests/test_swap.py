@@ -125,7 +125,8 @@ def test_average_survivors_averages_the_workers_that_finished(tmp_path):
     result = run_mpi(4, SCRIPT, ["survivors-kill", tmp_path], timeout_s=200, check=False,
                      mpirun_args=("--mca", "orte_abort_on_non_zero_status", "0"))
     assert result.returncode != 0, "mpirun should report the dead rank"
-    assert (tmp_path / "survivors.json").exists(), f"no survivors.json\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    shown = f"no survivors.json\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert (tmp_path / "survivors.json").exists(), shown
     report = json.loads((tmp_path / "survivors.json").read_text())
     assert report["averaged_workers"] == [0, 1, 3] and report["lost_workers"] == [2], report
     assert "averaged the 3 survivors [0, 1, 3]" in result.stdout, result.stdout[-3000:]
@@ -143,7 +144,8 @@ def test_average_survivors_leaves_out_a_worker_whose_loss_turned_nan(tmp_path):
     result = run_mpi(4, SCRIPT, ["survivors-nan", tmp_path], timeout_s=200, check=False,
                      mpirun_args=("--mca", "orte_abort_on_non_zero_status", "0"))
     assert "NonFiniteLossError" in result.stderr and "[rank 2] FAILED" in result.stderr, result.stderr[-3000:]
-    assert (tmp_path / "survivors.json").exists(), f"no survivors.json\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    shown = f"no survivors.json\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert (tmp_path / "survivors.json").exists(), shown
     report = json.loads((tmp_path / "survivors.json").read_text())
     assert report["averaged_workers"] == [0, 1, 3] and report["lost_workers"] == [2], report
     assert not (tmp_path / "phase2" / "worker2.pt").exists()

@@ -175,7 +175,8 @@ class LAWA(_SnapshotAverage):
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["ring"].shape) != tuple(self.ring.shape) or state["every_steps"] != self.every_steps:
-            raise ValueError(f"LAWA state has ring {tuple(state['ring'].shape)} and every_steps {state['every_steps']}; "
+            raise ValueError(f"LAWA state has ring {tuple(state['ring'].shape)} and "
+                             f"every_steps {state['every_steps']}; "
                              f"this LAWA has {tuple(self.ring.shape)} and {self.every_steps}")
         self._fold_pending()  # an in-flight transfer must land before the slots are overwritten
         self._mean = None

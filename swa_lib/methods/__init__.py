@@ -42,7 +42,8 @@ register(LAWAConfig, WeightAverages)
 register(EMAConfig, WeightAverages)
 register(AveragesConfig, WeightAverages)
 
-__all__ = ["Strategy", "DataShard", "EvalTarget", "SGDConfig", "SWA", "SWAConfig", "SWALP", "SWALPConfig", "SWAP", "SWAPConfig",
+__all__ = ["Strategy", "DataShard", "EvalTarget", "SGDConfig", "SWA", "SWAConfig", "SWALP", "SWALPConfig", "SWAP",
+           "SWAPConfig",
            "register", "build_strategy", "method_config_class", "HWA", "HWAConfig", "HWAAverager", "swap_average_",
            "LAWA", "EMA",
            "WeightAverages", "LAWAConfig", "EMAConfig", "AveragesConfig"]

@@ -34,6 +34,7 @@ from swa_lib.errors import ConfigError
 from swa_lib.methods.base import DataShard, EvalTarget, Strategy
 from swa_lib.schedules import base_lr_fn
 
+
 @dataclass
 class HWAConfig:
     """Settings of HWA. Defaults are ours, not the paper's (its values are unverified)."""

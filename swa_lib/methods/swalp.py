@@ -30,8 +30,14 @@ from torch import nn
 from swa_lib.averaging import recompute_bn_
 from swa_lib.methods.base import EvalTarget
 from swa_lib.methods.swa import SWA, SWAConfig
-from swa_lib.quant import (PLACEMENTS, ActivationErrorQuantizer, BlockFloat, QuantizedSGD,
-                           insert_quantizers_by_placement, remove_quantizers)
+from swa_lib.quant import (
+    PLACEMENTS,
+    ActivationErrorQuantizer,
+    BlockFloat,
+    QuantizedSGD,
+    insert_quantizers_by_placement,
+    remove_quantizers,
+)
 from swa_lib.quant.placement import OFFICIAL_PLACEMENT_MODELS
 
 KINDS = ("weight", "grad", "momentum", "acc", "act", "err")

@@ -15,9 +15,10 @@ Results:
     comes from a counter-based hash of the element's index keyed by one 31-bit seed per
     call, not from `random_`. The seed is drawn from the generator, so a seeded
     generator still gives reproducible results, and the same seed gives the same noise
-    on every device (by construction: integer arithmetic only; no GPU has checked it). `fused_rounding_bits` returns exactly that noise, for tests. The
-    index is the element's position in memory order: row-major, or N, H, W, C for a
-    channels_last tensor (whose result is channels_last too).
+    on every device (by construction: integer arithmetic only; no GPU has checked it).
+    `fused_rounding_bits` returns exactly that noise, for tests. The index is the element's
+    position in memory order: row-major, or N, H, W, C for a channels_last tensor (whose
+    result is channels_last too).
 The hash is Mueller's 32-bit integer mixer (two multiply-xorshift rounds), applied
 twice: k = mix(mix(i) ^ seed) mod 2^24. It is a statistical generator, not a
 cryptographic one, which is all rounding noise needs; the tests check the
@@ -26,7 +27,6 @@ unbiasedness of the rounding and the balance of every noise bit.
 
 import functools
 import math
-
 
 import torch
 
@@ -155,7 +155,7 @@ def _round_stochastic(rows, pre, inv_step, step, post, int_max, seed):
 # Two kernels per call, not one: compiled as a single kernel, inductor recomputed the
 # per-block exponent arithmetic (a scalar frexp and bit twiddling) for every vector of
 # elements, which cost more than the second read of the input saves.
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(fn):
     """fn compiled (torch.compile, dynamic shapes) on first use."""
     return torch.compile(fn, dynamic=True)

@@ -7,7 +7,6 @@ i * 2^(e - word_length_bits + 2) with i in [-2^(wl-1), 2^(wl-1) - 1].
 
 from dataclasses import dataclass
 
-
 BLOCK_DESIGNS = ("small", "big")
 ROUNDINGS = ("stochastic", "nearest")
 # Below 2 bits the integer range [-2^(wl-1), 2^(wl-1)-1] holds no positive value;

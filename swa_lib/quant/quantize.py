@@ -36,12 +36,12 @@ Where this differs from the official SWALP quantizer (`models/quantizer.py`):
 
 import math
 
-
 import torch
 
 from swa_lib.quant.bits import COMPUTE_DTYPE, FLOAT_LAYOUT, NOISE_BITS, exact_pow2
 from swa_lib.quant.fused import quantize_fused
 from swa_lib.quant.number import BlockFloat, check_format
+
 
 def _block_exponent(x: torch.Tensor, fmt: BlockFloat):
     """Shared exponent e of each block (int tensor shaped to broadcast against x),

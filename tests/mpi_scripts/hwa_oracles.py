@@ -20,15 +20,14 @@ from pathlib import Path
 
 import torch
 
+import data
 import tiny_models  # noqa: F401 - registers the tiny test models
 from rank_harness import check, run_rank
-
-import data
+from swa_lib.averaging import flat_parameters
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import load_config
 from swa_lib.methods import DataShard
-from swa_lib.averaging import flat_parameters
 
 PERIOD, WINDOW, EPOCHS, MODEL_BATCH = 3, 3, 2, 32  # 384 images / 32 = 12 steps per epoch, 8 cycles
 data.load_dataset = functools.lru_cache(data.load_dataset)  # six trainers here read the same arrays

@@ -18,11 +18,10 @@ import torch
 
 import tiny_models  # noqa: F401 - registers the tiny test models
 from rank_harness import check, run_rank
-
+from swa_lib.averaging import averaged_tensors
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import load_config
-from swa_lib.averaging import averaged_tensors
 
 GLOBAL_BATCH = 64
 

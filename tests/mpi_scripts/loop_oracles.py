@@ -14,7 +14,6 @@ from torch import nn
 
 import tiny_models  # noqa: F401 - registers the tiny test models
 from rank_harness import check, run_rank
-
 from swa_lib.averaging import update_bn_
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm

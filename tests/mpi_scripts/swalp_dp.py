@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from rank_harness import check, run_rank
-
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import load_config

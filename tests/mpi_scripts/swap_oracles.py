@@ -19,7 +19,6 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 from rank_harness import check, run_rank
-
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import load_config
@@ -71,17 +70,20 @@ def check_phases(comm, trainer, summary, workers: int, rule: str, end_epoch: int
     reference.load_state_dict(strategy.average.state_dict())
     batches = []
     for r in range(comm.size):
-        loader = trainer.workload.train_loader(DataShard(r, comm.size, trainer.cfg.run.seed, trainer.cfg.optim.batch_size))
+        shard = DataShard(r, comm.size, trainer.cfg.run.seed, trainer.cfg.optim.batch_size)
+        loader = trainer.workload.train_loader(shard)
         loader.set_epoch(trainer.ctx.epoch - 1)
         batches += [x for _, (x, _) in zip(range(BN_BATCHES), loader)]
     update_bn(batches, reference)
     for (name, a), b in zip(strategy.average.state_dict().items(), reference.state_dict().values(), strict=True):
         if "running" in name:
-            check(torch.allclose(a, b, rtol=1e-4, atol=1e-5), f"BN {name} of the average: over ranks {a} vs one pass {b}")
+            check(torch.allclose(a, b, rtol=1e-4, atol=1e-5),
+                  f"BN {name} of the average: over ranks {a} vs one pass {b}")
 
     final = summary["final"]
     for k in range(workers):
-        check(f"group{k}/model/acc" in final and f"group{k}/swap/acc" in final, f"worker {k} missing in {sorted(final)}")
+        check(f"group{k}/model/acc" in final and f"group{k}/swap/acc" in final,
+              f"worker {k} missing in {sorted(final)}")
     check(final["output/acc"] == final["swap/acc"], "the output is not the SWAP average")
     if rank == 0:
         tags = sorted(p.name for p in trainer.checkpoints.directory.iterdir() if (p / "PINNED").exists())
