@@ -39,7 +39,7 @@ class Run:
     one (a fault present before the launch); launch_s: launch to exit; ready_s: launch to `INJECT` (None
     without one); timed_out: killed after TIMEOUT_S (a hang)."""
 
-    def __init__(self, cmd, env, cwd=ROOT):
+    def __init__(self, cmd, env, cwd=ROOT, timeout_s: float = TIMEOUT_S):
         start = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
                                 start_new_session=True)
@@ -58,7 +58,7 @@ class Run:
             t.start()
         self.timed_out = False
         try:
-            proc.wait(timeout=TIMEOUT_S)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.timed_out = True
             os.killpg(proc.pid, 9)
@@ -96,14 +96,14 @@ def data_root_default() -> Path:
 
 
 def launch(np: int, config: Path, run_dir: Path, fault="none", ranks="1", step=0, overrides=(), env=None,
-           user: int | None = None) -> Run:
+           user: int | None = None, timeout_s: float = TIMEOUT_S) -> Run:
     cmd = [PYTHON, str(INJECT), fault, ranks, str(step), "--config", str(config), "--run-dir", str(run_dir),
            *overrides]
     if np > 1:
         cmd = [*MPIRUN, "-np", str(np), "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", "-x", "SWA_DATA_ROOT", *cmd]
     if user is not None:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-    return Run(cmd, env_for(env))
+    return Run(cmd, env_for(env), timeout_s=timeout_s)
 
 
 def checkpoint_state(run_dir: Path) -> tuple[bool, str]:
@@ -149,7 +149,7 @@ class Table:
         if expect_rc is not None and run.rc != expect_rc:
             failed.append(f"exit {run.rc}, expected {expect_rc}")
         if run.timed_out:
-            failed.append(f"hung: killed after {TIMEOUT_S} s")
+            failed.append("hung: killed by the harness's timeout")
         if not ckpt[0]:
             failed.append("checkpoint lost")
         if resumed_ok is False:

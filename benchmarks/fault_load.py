@@ -2,6 +2,7 @@
 loads `latest` in a loop; count unreadable loads and watch the checkpoint directory's size."""
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -16,18 +17,14 @@ def _usage(directory) -> tuple[int, int]:
     """(generation directories, bytes of all files) under the checkpoint directory, as it is now."""
     gens, size = 0, 0
     for entry in list(directory.iterdir()):
-        if entry.is_dir():
-            gens += 1
-            for f in list(entry.iterdir()) if entry.exists() else []:
-                try:
-                    size += f.stat().st_size
-                except FileNotFoundError:  # pruned while we looked
-                    pass
-        else:
-            try:
+        try:  # the writer may prune anything while we look
+            if entry.is_dir():
+                gens += 1
+                size += sum(f.stat().st_size for f in list(entry.iterdir()))
+            else:
                 size += entry.stat().st_size
-            except FileNotFoundError:
-                pass
+        except FileNotFoundError:
+            pass
     return gens, size
 
 
@@ -75,14 +72,15 @@ def load_test(work, steps: int = 200, keep: int = 2) -> tuple[list[str], dict]:
                 if f"e{state['epoch']:04d}" != info["tag"][:5]:
                     stats["unreadable"] += 1
                     stats["errors"].append(f"{path} holds epoch {state['epoch']}, pointer says {info['tag']}")
+                    break
                 stats["loads"] += 1
-                stats["generation_bytes"] = max(stats["generation_bytes"], path.stat().st_size * info["world_size"]
-                                                if path.exists() else 0)
+                with contextlib.suppress(FileNotFoundError):
+                    stats["generation_bytes"] = max(stats["generation_bytes"], path.stat().st_size * info["world_size"])
 
     thread = threading.Thread(target=reader)
     thread.start()
     start = time.monotonic()
-    run = launch(4, config, run_dir)
+    run = launch(4, config, run_dir, timeout_s=3600)  # 200 steps of 4 ranks on 2 shared cores
     done.set()
     thread.join()
     wall = time.monotonic() - start
