@@ -136,14 +136,14 @@ def write(args, started, t0, table: Table, load: list[str], loads: list, final: 
     """The whole document; until the last row is in, it says it is partial (a killed run leaves what it had)."""
     loads = [*loads, os.getloadavg()]
     minutes = (time.monotonic() - t0) / 60
-    command = "./run.sh python benchmarks/faults.py" + (f" --only {' '.join(args.only)}" if args.only else "")
+    command = f"nice -n {os.nice(0)} .venv/bin/python {' '.join(sys.argv)}"  # ./run.sh python, minus its setup
     lines = [
         "# Reliability: faults injected into runs, one at a time",
         *([] if final else ["", f"**Partial: {len(table.rows)} rows{' and the load test' if load else ''} so far, "
                                 f"{minutes:.0f} min after the start; the run that writes this file had not finished "
                                 f"(or ran only some scenarios).**"]),
         "",
-        f"- Command: `nice -n 19 {command}` ({args.parallel} scenarios at once; {minutes:.0f} min)",
+        f"- Command: `{command}` ({args.parallel} scenarios at once; {minutes:.0f} min)",
         f"- Machine: {machine_description()}; 1-min load average between {min(x[0] for x in loads):.1f} and "
         f"{max(x[0] for x in loads):.1f} during the run, {loads[-1][0]:.1f} at the end (the cores are shared with "
         "other jobs, so times are under load)",
