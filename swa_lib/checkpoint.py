@@ -189,7 +189,13 @@ class CheckpointManager:
         return state
 
     def _prune(self, keep_tag: str) -> None:
-        gens = sorted(p for p in self.directory.iterdir() if p.is_dir() and not (p / "PINNED").exists())
-        old = [g for g in gens if g.name != keep_tag][: max(0, len(gens) - self.keep)]
-        for g in old:
+        """Delete all but the newest `keep` complete generations (and pinned ones). A generation without
+        every rank's file was left by a failed or killed write: latest.json never named it, so it is
+        deleted and not counted among those kept (it could otherwise displace a complete one)."""
+        gens = sorted(p for p in self.directory.iterdir() if p.is_dir() and p.name != keep_tag)
+        complete = [g for g in gens if all((g / f"rank{r}.pt").exists() for r in range(self.comm.size))]
+        unpinned = [g for g in complete if not (g / "PINNED").exists()]
+        counted = len(unpinned) + (not (self.directory / keep_tag / "PINNED").exists())  # + the new one
+        old = unpinned[: max(0, counted - self.keep)]
+        for g in [g for g in gens if g not in complete] + old:
             shutil.rmtree(g, ignore_errors=True)

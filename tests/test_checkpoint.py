@@ -82,3 +82,21 @@ def test_old_generations_are_pruned_to_keep(tmp_path):
     for i in range(1, 5):
         manager.save({"i": i}, f"e{i:04d}")
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["e0003", "e0004"]
+
+
+def test_a_generation_left_incomplete_by_a_failed_write_does_not_count_as_kept(tmp_path):
+    """A write that failed on one rank (disk full, a kill) leaves a generation without every rank's file,
+    which latest.json never names. Retention must not count it among the `keep` it promises: otherwise
+    it deletes a complete generation and keeps the unreadable one, which the error message for a
+    corrupt file then offers as the "older generation" to point latest.json at."""
+    manager = CheckpointManager(tmp_path, init_comm("single"), keep=2)
+    manager.save({"i": 1}, "e0001-phase1")
+    manager.save({"i": 2}, "e0002-phase1")
+    (tmp_path / "e0002-phase1-b00003").mkdir()  # a preemption checkpoint whose write failed: no rank file
+    (tmp_path / "e0002-phase2").mkdir()  # a pinned phase boundary whose write failed
+    (tmp_path / "e0002-phase2" / "PINNED").touch()
+    manager.save({"i": 3}, "e0003-phase1")  # the rerun, after space was freed, moves on
+    left = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert left == ["e0002-phase1", "e0003-phase1"]
+    for tag in left:
+        assert torch.load(tmp_path / tag / "rank0.pt", weights_only=False)["i"] == int(tag[1:5])

@@ -1,11 +1,14 @@
 """Per-rank program: the experiment command line (swa_lib.cli.main) with one fault injected.
 
 Usage: fault_inject.py FAULT RANKS STEP CLI_ARGS...
-  FAULT   none | sigterm | sigint | sigkill | sigkill_checkpoint | nan | fill_disk
+  FAULT   none | ready | sigterm | sigint | sigkill | sigkill_checkpoint | nan | fill_disk
   RANKS   "all", or comma-separated world ranks that inject the fault (e.g. "1")
   STEP    optimizer step after which the fault fires (sigkill_checkpoint: the first checkpoint
-          write at or after this step; fill_disk: rank 0 fills the file system of the run
-          directory with one file, run_dir/../filler, as another job on a shared disk would)
+          write at or after this step; fill_disk: at the first checkpoint write at or after this
+          step, rank 0 fills the file system of the run directory with one file, run_dir/../filler,
+          as another job on a shared disk would, and then every rank writes its file; ready: no
+          fault, every rank prints the INJECT line once the trainer is built (config checked, data
+          loaded, model built) and exits 0 without training: the startup cost of a launch)
 Exits with the code main() returns, so a test sees exactly what a user's shell would.
 
 The faults act on the process itself, at a chosen point, so that a test lands in a known
@@ -22,7 +25,18 @@ import tiny_models  # noqa: F401 - registers the tiny test models
 import swa_lib.checkpoint
 import swa_lib.cli
 
-FAULTS = ("none", "sigterm", "sigint", "sigkill", "sigkill_checkpoint", "nan", "fill_disk")
+FAULTS = ("none", "ready", "sigterm", "sigint", "sigkill", "sigkill_checkpoint", "nan", "fill_disk")
+
+
+def fill(path) -> None:
+    """Write zeros to `path` until the file system is full."""
+    with open(path, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
 
 
 def main() -> int:
@@ -35,13 +49,17 @@ def main() -> int:
 
     def build_with_fault(cfg, comm, run_dir):
         trainer = build_trainer(cfg, comm, run_dir)
+        if fault == "ready":
+            print(f"INJECT ready rank={rank}", flush=True)
+            sys.stdout.flush()
+            os._exit(0)
         if not mine:
             return trainer
         after_step = trainer.strategy.after_step
 
         def after_step_with_fault(s):
             after_step(s)
-            if s != step:
+            if s != step or fault in ("sigkill_checkpoint", "fill_disk"):  # these fire in a checkpoint write
                 return
             print(f"INJECT {fault} rank={rank} step={s} phase={trainer.strategy.phase}", flush=True)
             if fault in ("sigterm", "sigint", "sigkill"):
@@ -49,14 +67,6 @@ def main() -> int:
             elif fault == "nan":
                 with __import__("torch").no_grad():
                     next(trainer.ctx.model.parameters()).fill_(float("nan"))
-            elif fault == "fill_disk" and rank == 0:
-                with open(run_dir.parent / "filler", "wb") as fh:
-                    try:
-                        while True:
-                            fh.write(b"\0" * 65536)
-                            fh.flush()
-                    except OSError:
-                        pass
 
         trainer.strategy.after_step = after_step_with_fault
         if fault == "sigkill_checkpoint":
@@ -74,6 +84,20 @@ def main() -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
 
             swa_lib.checkpoint.atomic_torch_save = save_then_die
+        if fault == "fill_disk":
+            real_save = swa_lib.checkpoint.atomic_torch_save
+            filled = []
+
+            def fill_then_save(obj, path):
+                if trainer.ctx.step >= step and not filled:
+                    filled.append(path)
+                    if rank == 0:
+                        print(f"INJECT {fault} rank={rank} step={trainer.ctx.step} file={path}", flush=True)
+                        fill(run_dir.parent / "filler")
+                    trainer.ctx.comm.barrier()  # every rank writes into the full disk
+                return real_save(obj, path)
+
+            swa_lib.checkpoint.atomic_torch_save = fill_then_save
         return trainer
 
     swa_lib.cli.build_trainer = build_with_fault
