@@ -23,7 +23,6 @@ for _p in (str(ROOT / "tests"), str(ROOT)):
         sys.path.insert(0, _p)
 
 from mpi_util import MPIRUN, PYTHON  # noqa: E402
-
 from swa_lib.workload import data_root  # noqa: E402
 
 INJECT = ROOT / "tests" / "mpi_scripts" / "fault_inject.py"

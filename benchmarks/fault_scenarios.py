@@ -13,9 +13,9 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from benchmarks.fault_harness import (Run, Table, checkpoint_state, data_root_default, finals,  # noqa: F401
-                                      launch, same_weights)
+from benchmarks.fault_harness import Run, Table, checkpoint_state, data_root_default, finals, launch, same_weights  # noqa: F401
 from test_preemption import write_config
+
 
 def resume_and_compare(np, config, run_dir, reference, overrides=()) -> tuple[str, bool]:
     again = launch(np, config, run_dir, overrides=overrides)

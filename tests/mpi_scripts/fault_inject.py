@@ -20,10 +20,9 @@ import os
 import signal
 import sys
 
-import tiny_models  # noqa: F401 - registers the tiny test models
-
 import swa_lib.checkpoint
 import swa_lib.cli
+import tiny_models  # noqa: F401 - registers the tiny test models
 
 FAULTS = ("none", "ready", "sigterm", "sigint", "sigkill", "sigkill_checkpoint", "nan", "fill_disk")
 
