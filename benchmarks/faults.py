@@ -71,6 +71,7 @@ def main() -> None:
     write_file = not args.only or "--out" in sys.argv
     names = args.only or NAMES
     started = dt.datetime.now(dt.timezone.utc)
+    COMMIT.append(git_commit())  # the code the scenarios run, read once: the file this writes dirties the tree
     t0 = time.monotonic()
     load: list[str] = []
     loads = [os.getloadavg()]
@@ -130,6 +131,7 @@ def guarded(name, fn, *fn_args):
 
 
 HARNESS_ERRORS: list[str] = []
+COMMIT: list[str] = []
 
 
 def write(args, started, t0, table: Table, load: list[str], loads: list, final: bool) -> None:
@@ -147,7 +149,7 @@ def write(args, started, t0, table: Table, load: list[str], loads: list, final: 
         f"- Machine: {machine_description()}; 1-min load average between {min(x[0] for x in loads):.1f} and "
         f"{max(x[0] for x in loads):.1f} during the run, {loads[-1][0]:.1f} at the end (the cores are shared with "
         "other jobs, so times are under load)",
-        f"- Commit: {git_commit()}",
+        f"- Commit: {COMMIT[0]} (at the start of the run)",
         f"- Date: {started.isoformat(timespec='seconds')}",
         "",
         "Tiny runs (2 ranks under mpirun, Horovod, CPU; a small CNN on 128 CIFAR-10 images) of SWAP "
