@@ -5,7 +5,7 @@
 #   ./run.sh reproduce NAME | all    any table of configs/reproduce/ (swap, swalp, hwa, averaging,
 #                                    averaging_tiny), or all of them in turn (about 3 h on 2 cores)
 #   ./run.sh test [pytest args]      the whole test suite (what CI runs)
-#   ./run.sh lint [ruff args]        ruff check . (the style of pyproject.toml; CI runs it before the tests)
+#   ./run.sh lint [ruff args]        ruff check . (the style of pyproject.toml; the test suite runs it too)
 #   ./run.sh setup                   only install (Open MPI, .venv, Horovod)
 #   ./run.sh mpirun -np 4 python experiments/baselines.py --config configs/...
 #                                    mpirun with the flags this machine needs; anything a cluster
