@@ -10,6 +10,7 @@ from swa_lib.averaging import EMA, LAWA, averaged_tensors
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import ConfigError, load_config
+from swa_lib.methods import EvalTarget
 from swa_lib.time_to_target import time_to_target
 
 TINY = ["data.dataset=cifar10_jpg", "data.train_subset=192", "data.test_subset=200", "model.name=resnet9",
@@ -124,9 +125,9 @@ def test_evaluation_swap_leaves_training_state_untouched(tmp_path):
     assert set(targets) == {"lawa_nu2_L3", "ema_nu1_b0.8_wu"}
     assert all(torch.equal(before[k], v) for k, v in c.model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
-    for name, model in targets.items():
-        assert model is not c.model
-        flat = torch.cat([t.reshape(-1) for t in averaged_tensors(model, True)])
+    for name, target in targets.items():
+        assert isinstance(target, EvalTarget) and target.model is not c.model
+        flat = torch.cat([t.reshape(-1) for t in averaged_tensors(target.model, True)])
         assert torch.equal(flat, strategy.averages[name].average())
 
 
