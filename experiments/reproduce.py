@@ -79,6 +79,7 @@ class Job:
         self.row, self.seed, self.label = row, seed, row["label"]
         self.dir = RUNS / name / run_dir_name(self.label, seed)
         self.record = RECORDS / name / run_dir_name(self.label, seed)
+        self.recorded = spec["output"].startswith("results/")  # smoke tables (under runs/) leave no record
         # The figures that need weights (swap_plots.error_plane) read the first seed's only.
         self.keep_weights = bool(row.get("record_weights")) and seed == row.get("seeds", spec["seeds"])[0]
         self.entry = row.get("entry", spec["entry"])
@@ -115,6 +116,8 @@ class Job:
         """Copy what a finished run's table, figures and TensorBoard need into its record
         (checkpoints and weight files left out: a few MB each; model weights only where
         `record_weights` asks)."""
+        if not self.recorded:
+            return
         tmp = self.record.with_name(self.record.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         # Weights (checkpoints/, final_model.pt, ...) are a few MB a run: only the last
