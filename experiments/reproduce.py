@@ -113,15 +113,13 @@ class Job:
         return None if same else f"the code changed since its commit {commit[:10]} ({', '.join(paths)})"
 
     def save_record(self) -> None:
-        """Copy what a finished run's table, figures and TensorBoard need into its record
-        (checkpoints and weight files left out: a few MB each; model weights only where
-        `record_weights` asks)."""
+        """Copy what a finished run's table, figures and TensorBoard need into its record.
+        Checkpoints and weight files (a few MB a run) are left out, except the last checkpoint's
+        model weights where the spec's `record_weights` asks."""
         if not self.recorded:
             return
         tmp = self.record.with_name(self.record.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        # Weights (checkpoints/, final_model.pt, ...) are a few MB a run: only the last
-        # checkpoint's model weights are kept, and only where the spec asks.
         shutil.copytree(self.dir, tmp, ignore=shutil.ignore_patterns("checkpoints", "*.pt"))
         if self.load_file.exists():
             shutil.copy2(self.load_file, tmp / "load.json")
