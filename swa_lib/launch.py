@@ -1,4 +1,4 @@
-"""Which launcher started this process, and which communication backend that implies.
+"""Which launcher started this process, which communication backend that implies, and its device.
 
 Read from the environment alone (no MPI or torch.distributed call), so --dry-run and the
 entry points can ask before any backend starts; swa_lib.comm starts the backend.
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+import torch
 
 BACKENDS = ("auto", "horovod", "torch", "single")
 
@@ -58,3 +60,12 @@ def resolve_backend(backend: str, launch: LaunchInfo) -> str:
     if launch.launcher is not None and (launch.size is None or launch.size > 1):
         return "horovod"
     return "single"
+
+
+def pick_device(cfg, comm) -> torch.device:
+    want = cfg.run.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("run.device=cuda, but torch sees no GPU here; use run.device=cpu")
+        return torch.device("cuda", comm.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")

@@ -11,14 +11,8 @@ function of the fractional epoch, and the checkpoint holds model, optimizer, str
 and a run resumed at an epoch boundary on the CPU is bitwise identical to one that
 never stopped (tests/test_loop.py checks this).
 
-Preemption: on SIGTERM (what Slurm sends at a time limit) or SIGINT, a rank only notes the
-signal and finishes its step. After every step the ranks agree with one allreduce of a
-flag, so a signal that reached one rank stops them all at the same step boundary, with no
-rank left waiting in a collective. They write a checkpoint of that step (it also holds the
-position inside the epoch and the epoch's running sums) and `fit` raises `Preempted`; the
-entry point exits with PREEMPTED_EXIT_CODE. Running the same command again resumes at that
-step, skipping the batches already trained, and ends bitwise equal to a run that never
-stopped (tests/test_preemption.py). A second signal of the same kind ends the process at once.
+Preemption (SIGTERM, SIGINT): the ranks agree at the next step boundary, checkpoint that step and
+`fit` raises `Preempted`; the same command resumes bitwise (swa_lib.preemption has the details).
 """
 from __future__ import annotations
 
@@ -35,13 +29,16 @@ from torch import nn
 from tqdm import tqdm
 
 from swa_lib.averaging import bn_buffers, evaluate, recompute_bn_
+from swa_lib.averaging.workers import mean_over_workers_
 from swa_lib.checkpoint import CheckpointManager, atomic_torch_save, rng_state, set_rng_state
 from swa_lib.comm import allreduce_gradients_
 from swa_lib.config import precision_record, run_identity, validate_world
 from swa_lib.errors import ConfigError
+from swa_lib.inprocess import StackedLoader, gather_per_worker, independent_workers, mirror_, train_step_
+from swa_lib.launch import pick_device
 from swa_lib.methods.base import EvalTarget
 from swa_lib.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals
-from swa_lib.schedules import base_lr_fn, lr_position
+from swa_lib.schedules import base_lr_fn, check_eval_cadence, lr_position
 from swa_lib.timing import PhaseTimer
 
 __all__ = ["Trainer", "TrainContext", "PhaseTimer", "pick_device", "NonFiniteLossError", "Preempted",
@@ -72,13 +69,10 @@ class TrainContext:
     step: int = 0  # optimizer steps taken
 
 
-def pick_device(cfg, comm) -> torch.device:
-    want = cfg.run.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("run.device=cuda, but torch sees no GPU here; use run.device=cpu")
-        return torch.device("cuda", comm.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+def _loss_acc(sums: torch.Tensor) -> dict:
+    """{"loss", "acc"} from float64 sums (loss * n, correct, n)."""
+    loss_sum, correct, count = sums.tolist()
+    return {"loss": loss_sum / count, "acc": correct / count}
 
 
 class Trainer:
@@ -103,7 +97,8 @@ class Trainer:
         self.ctx = TrainContext(cfg, comm, model, optimizer, self.device, lr_fn, workload, logger,
                                 run_dir=self.run_dir, timer=self.timer)
         strategy.setup(self.ctx)
-        self._check_eval_steps()
+        if cfg.eval.every_steps:
+            check_eval_cadence(cfg, len(workload.train_loader(strategy.data_shards(0)[0])))
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", comm, cfg.run.keep_checkpoints,
                                              config=run_identity(cfg))
         self.signals = StopSignals(comm.rank)
@@ -111,23 +106,6 @@ class Trainer:
         # run.precision applies to the training model; averaged models are evaluated in fp32.
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if cfg.run.precision == "bf16" else contextlib.nullcontext())
-
-    def _check_eval_steps(self) -> None:
-        """eval.every_steps above one epoch must be a whole number of the loader's real epochs.
-
-        The training loader drops the last partial batch (CIFAR-10 at batch 128: 390 steps, not 391),
-        so a cadence computed by hand can miss; it then drifts off the epoch boundaries it was meant
-        to hit. Shorter cadences are a step grid (time to target) and may cut epochs anywhere."""
-        every = self.cfg.eval.every_steps
-        if not every:
-            return
-        steps = len(self.workload.train_loader(self.strategy.data_shard(0)))
-        if every > steps and every % steps:
-            k = max(round(every / steps), 1)
-            raise ConfigError([f"eval.every_steps: {every} is more than one epoch but not a whole number of epochs: "
-                               f"an epoch here is {steps} steps (the loader drops the last partial batch), so "
-                               f"evaluations would drift off epoch boundaries; use {k * steps} ({k} epochs) or "
-                               f"eval.every_epochs"])
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
@@ -141,6 +119,8 @@ class Trainer:
         """Checkpoint every rank; `pin` keeps the generation out of pruning (phase boundaries).
 
         `in_epoch` (a preemption): the position inside the unfinished epoch ctx.epoch and its sums."""
+        if self.strategy.local_workers is not None:
+            mirror_(self.strategy.local_workers, self.ctx.model)  # the workers are in the strategy's state
         self._check_finite_weights()
         tag = f"e{self.ctx.epoch:04d}-{self.strategy.phase}"
         if in_epoch is not None:
@@ -209,14 +189,17 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict:
         c, cfg, strategy = self.ctx, self.cfg, self.strategy
-        shard = strategy.data_shard(epoch)
-        loader = self.workload.train_loader(shard)
+        shards = strategy.data_shards(epoch)  # one per model this process trains
+        workers = strategy.local_workers  # K models in this process (swa_lib.inprocess), or None
+        loaders = [self.workload.train_loader(shard) for shard in shards]
+        loader = loaders[0] if workers is None else StackedLoader(loaders)
         loader.set_epoch(epoch)
         group = strategy.gradient_group()
         n_batches = len(loader)
-        c.model.train()
-        epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
-        window = torch.zeros(3, dtype=torch.float64, device=self.device)
+        (c.model if workers is None else workers).train()
+        # Per model: loss*n, correct, n.
+        epoch_sums = torch.zeros(len(shards), 3, dtype=torch.float64, device=self.device)
+        window = torch.zeros_like(epoch_sums)
         skip = 0
         if self._in_epoch is not None:  # resumed after a preemption inside this epoch
             skip = self._in_epoch["batches_done"]
@@ -231,20 +214,26 @@ class Trainer:
             for i, (x, y) in enumerate(itertools.islice(loader, skip, None), start=skip):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 lr = strategy.lr(lr_position(cfg.schedule, epoch, i, n_batches))
-                for g in c.optimizer.param_groups:
-                    g["lr"] = lr
-                with self.autocast:
-                    out = c.model(x)
-                    loss = self.workload.loss_fn(out, y)
-                c.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if group is not None and group.size > 1:
-                    allreduce_gradients_(c.comm, c.model, group)  # Distributed: mean gradient over the group
-                c.optimizer.step()
+                if workers is None:
+                    for g in c.optimizer.param_groups:
+                        g["lr"] = lr
+                    with self.autocast:
+                        out = c.model(x)
+                        loss = self.workload.loss_fn(out, y)
+                    c.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if group is not None and group.size > 1:
+                        allreduce_gradients_(c.comm, c.model, group)  # Distributed: mean gradient over the group
+                    c.optimizer.step()
+                    loss, out, y = loss[None], out[None], y[None]  # one model
+                else:  # the gradient mean covers the local replicas too (none when they are independent)
+                    workers.set_lr(lr)
+                    loss, out = train_step_(workers, x, y, self.workload.loss_fn, comm=c.comm, group=group,
+                                            autocast=self.autocast)
                 c.step += 1
                 with torch.no_grad():
-                    window += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
-                                           torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)])
+                    window += torch.stack([loss.detach().double() * y.shape[1], (out.argmax(-1) == y).sum(1).double(),
+                                           torch.full_like(loss, y.shape[1], dtype=torch.float64)], dim=1)
                 strategy.after_step(c.step)
                 if c.step % cfg.run.log_every_steps == 0 or i == n_batches - 1:
                     epoch_sums += window
@@ -258,16 +247,14 @@ class Trainer:
             elapsed = time.perf_counter() - start
         eval_group = strategy.eval_group()
         c.comm.allreduce_([epoch_sums], op="sum", group=eval_group)  # Distributed: metrics of the whole group
-        loss_sum, correct, count = epoch_sums.tolist()
-        metrics = {"loss": loss_sum / count, "acc": correct / count}
-        images = (n_batches - skip) * shard.batch_size * c.comm.size
+        metrics = _loss_acc(epoch_sums.sum(0))
+        images = (n_batches - skip) * sum(shard.batch_size for shard in shards) * c.comm.size
         values = {"train/epoch_loss": metrics["loss"], "train/epoch_acc": metrics["acc"],
                   "train/images_per_s": images / max(elapsed, 1e-9), "time/wall_s": self._wall_s()}
-        if eval_group.size < c.comm.size and not strategy.isolated:
-            # Distributed: each group trains a model of its own (SWAP phase 2); rank 0 logs every one.
-            per_group = c.comm.allgather_object((eval_group.index, eval_group.rank, metrics))
-            values.update({f"train_worker{index}/epoch_{k}": v for index, rank_in_group, m in per_group
-                           if rank_in_group == 0 for k, v in m.items()})
+        per_model = [_loss_acc(row) for row in epoch_sums] if self._independent() else [metrics]
+        for index, m in self._gather_groups(per_model).items():
+            # Each group trains a model of its own (SWAP phase 2, HWA); rank 0 logs every one.
+            values.update({f"train_worker{index}/epoch_{k}": v for k, v in m.items()})
         self.logger.scalars(values, c.step, epoch=epoch + 1, phase=phase)
         return metrics
 
@@ -294,7 +281,7 @@ class Trainer:
                         f"run the same command again to resume")
 
     def _log_window(self, window: torch.Tensor, lr: float, epoch: float) -> None:
-        loss_sum, correct, count = window.tolist()
+        loss_sum, correct, count = window.sum(0).tolist()
         if not math.isfinite(loss_sum):
             raise NonFiniteLossError(
                 f"training loss is {loss_sum / count} at step {self.ctx.step} (epoch {epoch:.2f}, lr {lr:.4g}, "
@@ -317,7 +304,7 @@ class Trainer:
             group = self.strategy.eval_group()
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices, enabled=target.isolate_rng):
-                recompute_bn_(target.model, self.workload, self.strategy.data_shard(epoch), epoch, comm=self.comm,
+                recompute_bn_(target.model, self.workload, self.strategy.data_shards(epoch), epoch, comm=self.comm,
                               group=group, max_batches=self.cfg.eval.bn_update_batches, device=self.device)
             also = target.bn_also_over
             if also is not None and also.size > group.size:
@@ -328,10 +315,15 @@ class Trainer:
         with self.timer("eval"):
             group = self.strategy.eval_group()
             train_group = self.strategy.gradient_group()
-            if train_group is not None and train_group.size > 1:
+            workers = self.strategy.local_workers
+            if train_group is not None and workers is not None:  # in-process replicas, as below
+                mean_over_workers_(workers, "bn", self.comm if train_group.size > 1 else None, train_group)
+            elif train_group is not None and train_group.size > 1:
                 # Distributed: replicas share weights but each kept BN running statistics of its own
                 # batches; evaluate one model, the mean of them (what DDP's buffer broadcast aims at).
                 self.comm.allreduce_(bn_buffers(self.ctx.model), "mean", train_group)
+            if workers is not None:
+                mirror_(workers, self.ctx.model)  # "model" is local model 0
             extra = {name: t if isinstance(t, EvalTarget) else EvalTarget(t)
                      for name, t in self.strategy.eval_targets().items()}
             for target in extra.values():  # in the strategy's order: the order of RNG use
@@ -339,18 +331,20 @@ class Trainer:
                     self._recompute_bn(target)
             targets = {"model": self.ctx.model, **{name: t.model for name, t in extra.items()}}
             self._last_targets = targets
+            test = self.workload.test_loader(group.rank, group.size)
             # The training model in the run's precision; every average in fp32.
-            results = {name: evaluate(m, self.workload.test_loader(group.rank, group.size), self.device,
-                                      comm=self.comm, group=group,
+            results = {name: evaluate(m, test, self.device, comm=self.comm, group=group,
                                       autocast=self.autocast if name == "model" else None)
                        for name, m in targets.items()}
-        values, groups = {}, None
-        if group.size < self.comm.size and not self.strategy.isolated:
-            # Distributed: each group holds its own model; rank 0 logs every worker's result.
-            per_group = self.comm.allgather_object((group.index, group.rank, results))
-            groups = {index: res for index, rank_in_group, res in per_group if rank_in_group == 0}
-            for index, res in groups.items():
-                values.update({f"eval_worker{index}/{n}/{k}": v for n, m in res.items() for k, v in m.items()})
+            per_model = [results]
+            if self._independent():  # the other local models, each a worker of its own
+                per_model += [{**results, "model": evaluate(workers.module(j), test, self.device, comm=self.comm,
+                                                            group=group, autocast=self.autocast)}
+                              for j in range(1, len(workers))]
+        values = {}
+        groups = self._gather_groups(per_model)  # rank 0 logs every worker's result
+        for index, res in groups.items():
+            values.update({f"eval_worker{index}/{n}/{k}": v for n, m in res.items() for k, v in m.items()})
         values.update({f"eval/{n}/{k}": v for n, m in results.items() for k, v in m.items()})
         # One tag for every method's result, so runs of different methods overlay in one chart;
         # the training model stands in while the output model does not exist yet (SWA before it starts).
@@ -363,6 +357,12 @@ class Trainer:
                              "train": getattr(self, "last_train", None),  # the last epoch's, over its group
                              **({"groups": {str(k): v for k, v in sorted(groups.items())}} if groups else {})})
         return results
+
+    def _independent(self) -> bool:
+        return independent_workers(self.strategy)
+
+    def _gather_groups(self, per_model: list) -> dict:
+        return gather_per_worker(self.comm, self.strategy, per_model)
 
     # ------------------------------------------------------------------ the end
     def _wall_s(self) -> float:

@@ -1,4 +1,14 @@
-"""Preemption: SIGTERM/SIGINT end a run at a step boundary every rank agrees on (see swa_lib.loop)."""
+"""Preemption: SIGTERM/SIGINT end a run at a step boundary every rank agrees on.
+
+On SIGTERM (what Slurm sends at a time limit) or SIGINT, a rank only notes the signal and
+finishes its step. After every step the ranks agree with one allreduce of a flag
+(swa_lib.loop), so a signal that reached one rank stops them all at the same step boundary,
+with no rank left waiting in a collective. They write a checkpoint of that step (with the
+position inside the epoch and the epoch's running sums) and `fit` raises `Preempted`; the entry
+point exits with PREEMPTED_EXIT_CODE. Running the same command again resumes at that step,
+skipping the batches already trained, and ends bitwise equal to a run that never stopped
+(tests/test_preemption.py). A second signal of the same kind ends the process at once.
+"""
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from swa_lib.errors import ConfigError
 from swa_lib.sections import OptimConfig, ScheduleConfig
 
 LrFn = Callable[[float], float]  # fractional epoch -> learning rate
@@ -76,3 +77,18 @@ def base_lr_fn(cfg, processes: int) -> LrFn:
 
     What the loop gives every strategy (ctx.lr_fn), and what --dry-run prints from: one source."""
     return build_lr_fn(cfg.schedule, peak_lr(cfg.optim, cfg.optim.batch_size * processes))
+
+
+def check_eval_cadence(cfg, steps_per_epoch: int) -> None:
+    """eval.every_steps above one epoch must be a whole number of the loader's real epochs.
+
+    The training loader drops the last partial batch (CIFAR-10 at batch 128: 390 steps, not 391),
+    so a cadence computed by hand can miss; it then drifts off the epoch boundaries it was meant
+    to hit. Shorter cadences are a step grid (time to target) and may cut epochs anywhere."""
+    every = cfg.eval.every_steps
+    if every and every > steps_per_epoch and every % steps_per_epoch:
+        k = max(round(every / steps_per_epoch), 1)
+        raise ConfigError([f"eval.every_steps: {every} is more than one epoch but not a whole number of epochs: "
+                           f"an epoch here is {steps_per_epoch} steps (the loader drops the last partial batch), "
+                           f"so evaluations would drift off epoch boundaries; use {k * steps_per_epoch} ({k} "
+                           f"epochs) or eval.every_epochs"])

@@ -34,25 +34,15 @@ loads into the other. Precision: fp32 is what is tested. On the vectorised path 
 sequential path takes whatever memory format and autocast the caller uses. Models that draw
 random numbers (dropout) draw from the global RNG in another order than K processes would.
 
-How it plugs into the loop (after the hook-contract refactor; `method.workers_in_process`):
-- Strategy hook that wraps the model. SWAP at the phase-1 -> phase-2 boundary (HWA at setup)
-  builds `build_workers([ctx.model] * K_local, make_optimizer, vectorised=...)`, then loads the
-  phase-1 momentum into every worker (`load_optimizer_state_dict(k, ctx.optimizer.state_dict())`).
-  K_local = workers per process; the comm split then has one group per process.
-- Data hook that yields K batches per step: `stacked_batches([loader_0, ..., loader_{K-1}])`,
-  loader k built from worker k's own DataShard (its seed `worker_seed(k)`), gives (x [K, B, ...],
-  y [K, B]) per step. The loop calls `set_lr(lr)` and `train_step(x, y, loss_fn)` instead of its
-  forward/backward/step; gradient sync over a worker's group is not needed when a worker is one
-  model in one process.
-- Averaging: `swa_lib.stacked_average.average_state_dicts` over this process's K models, then
-  `allreduce_average_` weighted by K_local for the world (SWAP phase 3, HWA's online sync), load
-  the result into a plain module and recompute its BN (swa_lib.averaging.update_bn_) as today.
-  HWA's sync loads the average back into every k (`load_model_state_dict`).
-- Eval and checkpoints: `module(k)` is model k as a plain module; `state_dict()` holds K ordinary
-  model and optimizer state dicts.
+How the loop uses it (`method.workers_in_process`, SWAP and HWA): a process holds K_local
+models, each a "virtual rank" with its own data shard (see swa_lib.inprocess). Data-parallel
+phases average the K_local gradients (`slots("grads")` through
+swa_lib.averaging.workers.mean_over_workers_) between `forward_backward` and `step`;
+independent workers skip that. Averages load back with `load_model_state_dict`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -62,6 +52,18 @@ from torch.func import functional_call, stack_module_state, vmap
 
 MakeOptimizer = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SLOT_KINDS = ("params", "grads", "bn", "float_buffers", "momentum")
+
+
+def _buffer_names(model: nn.Module) -> dict[str, list[str]]:
+    """Names (as in state_dict) of the buffers each buffer slot kind covers, in bn_buffers' order."""
+    bn = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            bn += [f"{prefix}.running_mean" if prefix else "running_mean",
+                   f"{prefix}.running_var" if prefix else "running_var"]
+    floats = [name for name, b in model.named_buffers() if b.is_floating_point()]
+    return {"bn": bn, "float_buffers": floats}
 
 
 def stacked_batches(loaders: Sequence[Iterable]) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -82,10 +84,16 @@ class InProcessWorkers:
         self.num_workers = len(modules)
         # A real copy of model 0: the shape every ordinary state dict of model k is loaded into.
         self._template = copy.deepcopy(modules[0])
+        self._slot_names = _buffer_names(self._template)
         self.training = True
 
     def __len__(self) -> int:
         return self.num_workers
+
+    @property
+    def param_names(self) -> list[str]:
+        """The parameters' names, in the order of `slots("params")` and of `model.parameters()`."""
+        return [name for name, _ in self._template.named_parameters()]
 
     # -- what every loop uses ------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +114,36 @@ class InProcessWorkers:
         """
         if lr is not None:
             self.set_lr(lr)
-        return self._train_step(x, y, loss_fn)
+        out = self.forward_backward(x, y, loss_fn)
+        self.step()
+        return out
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+                         autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first half of `train_step`: every model's gradient of its own mean loss, in `.grad`.
+
+        Between it and `step` a loop may change the gradients (average them over data-parallel
+        replicas: `swa_lib.averaging.workers.mean_over_workers_(workers, "grads", ...)`).
+        `autocast`: a context the forward pass and loss run under (the sequential path's bf16)."""
+        with autocast or contextlib.nullcontext():
+            return self._forward_backward(x, y, loss_fn)
+
+    def step(self) -> None:
+        """The second half of `train_step`: every model's optimizer step on its `.grad`."""
+        for optimizer in self._optimizers():
+            optimizer.step()
+
+    def slots(self, kind: str) -> list[list[torch.Tensor]]:
+        """Tensor `kind` of every model, as one list of K tensors (model 0..K-1) per tensor of a model.
+
+        kind: "params"; "grads" (a missing grad becomes zeros); "bn" (batch-norm running mean and
+        variance, as swa_lib.averaging.bn_buffers lists them); "float_buffers" (every
+        floating-point buffer); "momentum" (the optimizer's momentum buffers, [] before the first
+        step). Writing into a slot's tensors writes into the models (the stacked path's are views)."""
+        if kind not in SLOT_KINDS:
+            raise ValueError(f"slot kind {kind!r} is not one of {SLOT_KINDS}")
+        names = self._slot_names[kind] if kind in self._slot_names else None
+        return self._slots(kind, names)
 
     def train(self, mode: bool = True) -> InProcessWorkers:
         self.training = mode
@@ -164,7 +201,10 @@ class InProcessWorkers:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _train_step(self, x, y, loss_fn):
+    def _forward_backward(self, x, y, loss_fn):
+        raise NotImplementedError
+
+    def _slots(self, kind: str, buffer_names: list[str] | None) -> list[list[torch.Tensor]]:
         raise NotImplementedError
 
     def _set_training(self, mode: bool) -> None:
@@ -197,17 +237,34 @@ class SequentialWorkers(InProcessWorkers):
     def _forward(self, x):
         return torch.stack([model(x[k]) for k, model in enumerate(self.models)])
 
-    def _train_step(self, x, y, loss_fn):
+    def _forward_backward(self, x, y, loss_fn):
         losses, outputs = [], []
-        for k, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
+        for k, (model, optimizer) in enumerate(zip(self.models, self.optimizers, strict=True)):
             optimizer.zero_grad(set_to_none=True)
             out = model(x[k])
             loss = loss_fn(out, y[k])
             loss.backward()
-            optimizer.step()
             losses.append(loss.detach())
             outputs.append(out.detach())
         return torch.stack(losses), torch.stack(outputs)
+
+    def _slots(self, kind, buffer_names):
+        if kind in ("params", "grads", "momentum"):
+            per_model = [list(m.parameters()) for m in self.models]
+            if kind == "grads":
+                for params in per_model:
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                per_model = [[p.grad for p in params] for params in per_model]
+            elif kind == "momentum":
+                per_model = [[o.state[p]["momentum_buffer"] for p in params if "momentum_buffer" in o.state[p]]
+                             for o, params in zip(self.optimizers, per_model, strict=True)]
+            else:
+                per_model = [[p.detach() for p in params] for params in per_model]
+        else:
+            per_model = [[dict(m.named_buffers())[name] for name in buffer_names] for m in self.models]
+        return [list(slot) for slot in zip(*per_model, strict=True)]
 
     def _set_training(self, mode):
         for model in self.models:
@@ -259,14 +316,27 @@ class StackedWorkers(InProcessWorkers):
     def _forward(self, x):
         return self._batched_call(self.params, self.buffers, x)
 
-    def _train_step(self, x, y, loss_fn):
+    def _forward_backward(self, x, y, loss_fn):
         self.optimizer.zero_grad(set_to_none=True)
         out = self._forward(x)
         losses = torch.stack([loss_fn(out[k], y[k]) for k in range(self.num_workers)])
         # d(sum_j loss_j)/d(theta_k) = d(loss_k)/d(theta_k): each model gets its own mean loss's gradient.
         losses.sum().backward()
-        self.optimizer.step()
         return losses.detach(), out.detach()
+
+    def _slots(self, kind, buffer_names):
+        stacked = [self.params[name] for name in self._param_names]
+        if kind == "grads":
+            for p in stacked:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            stacked = [p.grad for p in stacked]
+        elif kind == "momentum":
+            stacked = [self.optimizer.state[p]["momentum_buffer"] for p in stacked
+                       if "momentum_buffer" in self.optimizer.state[p]]
+        elif kind != "params":
+            stacked = [self.buffers[name] for name in buffer_names]
+        return [list(t.detach().unbind(0)) for t in stacked]
 
     def _set_training(self, mode):
         self._skeleton.train(mode)

@@ -56,8 +56,9 @@ def test_swa_vgg16_paper_schedule_matches_hand_computed_values(capsys, monkeypat
 def test_swap_paper_plan_shows_the_layout_and_the_phase_2_takeover(capsys, monkeypatch):
     code, text = dry_run(capsys, monkeypatch, REPO_ROOT / "configs/swap/cifar10_resnet9_swap_paper.yaml")
     assert code == 0, text
-    assert "world: 8 process(es) (the smallest the method accepts" in text  # one process per worker
-    assert "phase 2: 8 workers of 1 process(es), batch 1 x 512 = 512 each" in text
+    # One process holds the 8 workers as in-process models (swa_lib.inprocess).
+    assert "world: 1 process(es) (the smallest the method accepts" in text
+    assert "phase 2: 8 workers of one model, batch 512 each" in text
     got = lrs(text)
     # Phase 1: linear, warmup 5, cap 24 - 6 = 18 epochs, peak 0.4 x 1024 / 512 = 0.8;
     # e = 11: 0.8 * (1 - 6/13) = 0.430769. Phase 2 from epoch 18: 0.4 linear to 0 over 6 epochs.

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
+from swa_lib.averaging.workers import allreduce_average_, average_state_dicts, average_workers, combine_averages
 from swa_lib.stacked import SequentialWorkers, StackedWorkers, build_workers, stacked_batches
-from swa_lib.stacked_average import allreduce_average_, average_state_dicts, average_workers, combine_averages
 
 K, STEPS, BATCH, SIZE = 3, 5, 8, 16
 LRS = [0.05, 0.1, 0.1, 0.08, 0.04]

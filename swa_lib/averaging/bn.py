@@ -58,7 +58,22 @@ def recompute_bn_(model: nn.Module, workload, shard, epoch: int, *, comm=None, g
 
     What every method's BN recompute reads: the loop's for its evaluation targets, SWAP's phase 3
     (over the world) and its survivors (alone). Setting the epoch makes the batches independent
-    of what the cached loader did last, so a resumed run recomputes on the same ones."""
-    loader = workload.train_loader(shard)
-    loader.set_epoch(epoch)
-    update_bn_(model, loader, comm=comm, group=group, max_batches=max_batches, device=device)
+    of what the cached loader did last, so a resumed run recomputes on the same ones.
+
+    `shard` may be a list of DataShards, one per model this process trains in-process
+    (swa_lib.inprocess): the statistics are then recomputed on each, and their mean is what the
+    process contributes to the group's mean, as if each shard were a process of its own."""
+    shards = list(shard) if isinstance(shard, (list, tuple)) else [shard]
+    per_shard = []
+    for one in shards:
+        loader = workload.train_loader(one)
+        loader.set_epoch(epoch)
+        update_bn_(model, loader, comm=comm if len(shards) == 1 else None, group=group, max_batches=max_batches,
+                   device=device)
+        per_shard.append([b.clone() for b in bn_buffers(model)])
+    if len(shards) > 1:
+        with torch.no_grad():
+            for b, values in zip(bn_buffers(model), zip(*per_shard, strict=True), strict=True):
+                b.copy_(torch.stack(values).sum(0).div_(len(values)))  # Sum then divide: an allreduce-mean of 2
+        if comm is not None:
+            comm.allreduce_(bn_buffers(model), op="mean", group=group)  # Distributed

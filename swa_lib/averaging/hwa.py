@@ -10,6 +10,7 @@ import torch
 
 from swa_lib.averaging.bn import bn_buffers, update_bn_
 from swa_lib.averaging.flat import flat_parameters, load_flat_parameters_
+from swa_lib.averaging.workers import mean_over_workers_
 
 MOMENTUM_MODES = ("average", "keep", "reset")
 
@@ -32,11 +33,15 @@ class HWAAverager:
 
     All K models must start from the same weights (broadcast them once). Every process
     calls `step` with the same step count, since each sync is a world-wide allreduce.
+
+    `workers` (swa_lib.stacked.InProcessWorkers): the K groups are one model each, held by the
+    processes as in-process models (swa_lib.inprocess); `model` and `optimizer` are then unused
+    by the averaging and every process is a group of its own.
     """
 
     def __init__(self, comm, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  groups: int, sync_period_steps: int | None, window_cycles: int,
-                 average_buffers: bool = True, momentum: str = "average"):
+                 average_buffers: bool = True, momentum: str = "average", workers=None):
         if sync_period_steps is not None and sync_period_steps < 1:
             raise ValueError(f"sync_period_steps: {sync_period_steps} must be >= 1, or None to never average")
         if window_cycles < 1:
@@ -45,10 +50,11 @@ class HWAAverager:
             raise ValueError(f"momentum: {momentum!r} is not one of {', '.join(MOMENTUM_MODES)}")
         if momentum != "keep" and optimizer is None and groups > 1:
             raise ValueError(f"momentum={momentum!r} acts on the optimizer's momentum: pass the optimizer")
-        self.comm, self.model, self.optimizer = comm, model, optimizer
+        self.comm, self.model, self.optimizer, self.workers = comm, model, optimizer, workers
         self.groups, self.sync_period_steps = groups, sync_period_steps
         self.average_buffers, self.momentum = average_buffers, momentum
-        self.group = comm.split(groups)  # Distributed: every rank creates all K groups, in order
+        # Distributed: every rank creates all the groups, in order.
+        self.group = comm.split(groups if workers is None else comm.size)
         self.window: deque[torch.Tensor] = deque(maxlen=window_cycles)
         self.cycles = 0  # online averages taken so far (= step // H)
 
@@ -60,8 +66,14 @@ class HWAAverager:
         if self.groups > 1:
             self.average_groups_()
         self.cycles += 1
-        self.window.append(flat_parameters(self.model))  # HWA offline: the end of this cycle
+        self.window.append(self._flat())  # HWA offline: the end of this cycle
         return True
+
+    def _flat(self) -> torch.Tensor:
+        if self.workers is None:
+            return flat_parameters(self.model)
+        # After a sync every model holds the average: local model 0's parameters, as flat_parameters.
+        return torch.cat([slot[0].reshape(-1).to("cpu", torch.float32) for slot in self.workers.slots("params")])
 
     def average_groups_(self) -> None:
         """Replace every group's model (and momentum, per `momentum`) by the mean over the K groups.
@@ -69,6 +81,9 @@ class HWAAverager:
         One coalesced allreduce over the world: members of a group hold identical tensors, so
         the mean over all ranks is the mean over the K groups (up to float rounding, and the
         result is bitwise the same on every rank)."""
+        if self.workers is not None:
+            self._average_workers_()
+            return
         tensors = [p.detach() for p in self.model.parameters()]
         if self.average_buffers:
             tensors += [b for b in self.model.buffers() if b.is_floating_point()]
@@ -81,6 +96,17 @@ class HWAAverager:
         if self.momentum == "reset":
             for b in momenta:
                 b.zero_()
+
+    def _average_workers_(self) -> None:
+        """`average_groups_` over in-process models: their mean here, then over the processes."""
+        kinds = ["params"] + ["float_buffers"] * self.average_buffers + ["momentum"] * (self.momentum == "average")
+        comm = self.comm if self.comm.size > 1 else None
+        for kind in kinds:
+            mean_over_workers_(self.workers, kind, comm, self.comm.world)  # Distributed
+        if self.momentum == "reset":
+            for slot in self.workers.slots("momentum"):
+                for b in slot:
+                    b.zero_()
 
     def window_mean(self) -> torch.Tensor | None:
         """The mean of the window's online averages (float64 sum, float32 result); None while empty."""

@@ -16,7 +16,11 @@ the loop owns them, and only the loop advances ctx.epoch and ctx.step.
                                   groups, averages, copies. May change only the strategy.
   Training (read ctx; change only the strategy, except where said)
     data_shard(epoch)             which shard, seed and batch size this process trains on.
-    gradient_group()              the group gradients are averaged over (None: no sync).
+    data_shards(epoch)            the same, one per model, when the strategy trains `local_workers`
+                                  (K models in this process, swa_lib.inprocess) instead of ctx.model.
+    gradient_group()              the group gradients are averaged over (None: no sync). With
+                                  local_workers: the world (the K models are replicas; gradients
+                                  are averaged over them too) or None (each model is a worker).
     eval_group()                  the processes that hold the same training model.
     lr(epoch)                     the LR at a fractional epoch; pure: no state may change.
     after_step(step)              after every optimizer step. May write the training model's
@@ -107,6 +111,9 @@ class Strategy:
     """Synchronous data-parallel SGD over the whole world. Subclass to make a method."""
 
     output_name = "model"  # the training model itself is the result
+    # K models this process trains instead of ctx.model (swa_lib.inprocess; SWAP and HWA with
+    # method.workers_in_process), built in setup; None: the loop trains ctx.model.
+    local_workers = None
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -134,6 +141,10 @@ class Strategy:
     def data_shard(self, epoch: int) -> DataShard:
         comm = self.ctx.comm
         return DataShard(comm.rank, comm.size, self.cfg.run.seed, self.cfg.optim.batch_size)
+
+    def data_shards(self, epoch: int) -> list[DataShard]:
+        """One DataShard per model this process trains: [data_shard(epoch)] unless local_workers is set."""
+        return [self.data_shard(epoch)]
 
     def gradient_group(self):
         return self.ctx.comm.world

@@ -31,13 +31,17 @@ from typing import ClassVar
 from swa_lib.averaging.flat import load_flat_parameters_
 from swa_lib.averaging.hwa import MOMENTUM_MODES, HWAAverager
 from swa_lib.errors import ConfigError
+from swa_lib.inprocess import InProcessConfig, build_local_workers, virtual_ranks
 from swa_lib.methods.base import DataShard, EvalTarget, Strategy
 from swa_lib.schedules import base_lr_fn
 
 
 @dataclass
-class HWAConfig:
-    """Settings of HWA. Defaults are ours, not the paper's (its values are unverified)."""
+class HWAConfig(InProcessConfig):
+    """Settings of HWA. Defaults are ours, not the paper's (its values are unverified).
+
+    With fewer processes than `groups` (or `workers_in_process` set), each process holds several
+    groups as in-process models, one model per group (swa_lib.inprocess)."""
 
     name: ClassVar[str] = "hwa"
     groups: int = 2  # K models trained in parallel; must divide the world size
@@ -56,6 +60,9 @@ class HWAConfig:
     eval_online: bool = False
 
     def validate_world(self, world_size: int) -> list[str]:
+        per_process, problems = self.models_per_process(self.groups, world_size, "method.groups")
+        if problems or per_process > 1:
+            return problems
         if world_size % self.groups:
             return [f"method.groups: {self.groups} must divide the world size {world_size} "
                     f"(each of the K groups gets world_size / K processes)"]
@@ -97,9 +104,13 @@ class HWA(Strategy):
     def setup(self, ctx) -> None:
         super().setup(ctx)
         m, comm = self.cfg.method, ctx.comm
+        self.per_process = m.models_per_process(m.groups, comm.size, "method.groups")[0]
+        if self.per_process > 1:
+            self.local_workers = build_local_workers(ctx.model, ctx.optimizer, self.per_process, m.workers_vectorised)
         self.averager = HWAAverager(comm, ctx.model, ctx.optimizer, groups=m.groups,
                                     sync_period_steps=m.sync_period_steps, window_cycles=m.window_cycles,
-                                    average_buffers=m.average_buffers, momentum=m.momentum)
+                                    average_buffers=m.average_buffers, momentum=m.momentum,
+                                    workers=self.local_workers)
         self.group = self.averager.group
         self.lr_fn = self._group_lr_fn(self.group.size)
         self.average = copy.deepcopy(ctx.model)  # holds the window mean when it is evaluated
@@ -137,14 +148,20 @@ class HWA(Strategy):
         return base_lr_fn(self.cfg, group_size)
 
     def plan(self, world_size: int) -> None:
-        self.lr_fn = self._group_lr_fn(world_size // self.cfg.method.groups)
+        self.lr_fn = self._group_lr_fn(max(world_size // self.cfg.method.groups, 1))
 
     def layout(self, world_size: int) -> list[str]:
         m, b = self.cfg.method, self.cfg.optim.batch_size
+        sync = "never" if m.sync_period_steps is None else f"every {m.sync_period_steps} steps"
+        per_process = m.models_per_process(m.groups, world_size, "method.groups")[0]
+        if per_process > 1:
+            return [f"{m.groups} groups of one model, {per_process} in-process models on each of {world_size} "
+                    f"processes (swa_lib.inprocess), batch {b} each",
+                    f"online average of the {m.groups} models {sync}; output: mean of the last "
+                    f"{m.window_cycles} online averages"]
         g = world_size // m.groups
         groups = ", ".join(f"{k}: ranks {k * g}-{(k + 1) * g - 1}" if g > 1 else f"{k}: rank {k}"
                            for k in range(m.groups))
-        sync = "never" if m.sync_period_steps is None else f"every {m.sync_period_steps} steps"
         return [f"{m.groups} groups of {g} process(es), one model each, batch {g} x {b} = {g * b}; groups {groups}",
                 f"online average of the {m.groups} models {sync}; output: mean of the last "
                 f"{m.window_cycles} online averages"]
@@ -155,8 +172,15 @@ class HWA(Strategy):
         return DataShard(g.rank, g.size, self.cfg.run.seed + g.index * self.cfg.method.group_seed_stride,
                          self.cfg.optim.batch_size)
 
+    def data_shards(self, epoch: int) -> list[DataShard]:
+        if self.local_workers is None:
+            return [self.data_shard(epoch)]
+        seed, stride = self.cfg.run.seed, self.cfg.method.group_seed_stride  # group v = local model j
+        return [DataShard(0, 1, seed + v * stride, self.cfg.optim.batch_size)
+                for v in virtual_ranks(self.ctx.comm, self.per_process)]
+
     def gradient_group(self):
-        return self.group
+        return self.group if self.local_workers is None else None
 
     def eval_group(self):
         return self.group
@@ -182,7 +206,10 @@ class HWA(Strategy):
         return {name: EvalTarget(model, recompute_bn=True, bn_also_over=world) for name, (model, _) in targets.items()}
 
     def state_dict(self) -> dict:
-        return self.averager.state_dict()
+        workers = None if self.local_workers is None else self.local_workers.state_dict()
+        return {**self.averager.state_dict(), "workers": workers}
 
     def load_state_dict(self, state: dict) -> None:
         self.averager.load_state_dict(state)
+        if self.local_workers is not None:
+            self.local_workers.load_state_dict(state["workers"])

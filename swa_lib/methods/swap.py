@@ -50,7 +50,10 @@ from typing import ClassVar
 
 import torch
 
-from swa_lib.averaging.swap import swap_average_
+from swa_lib.averaging.bn import recompute_bn_
+from swa_lib.averaging.workers import mean_of_workers
+from swa_lib.comm import average_model_
+from swa_lib.inprocess import InProcessConfig, build_local_workers, virtual_ranks
 from swa_lib.methods.base import DataShard, EvalTarget, Strategy
 from swa_lib.methods.swap_survivors import average_survivors, wait_for_workers, write_worker_result
 from swa_lib.schedules import build_lr_fn, peak_lr
@@ -60,8 +63,11 @@ PHASES = ("phase1", "phase2", "phase3")
 
 
 @dataclass
-class SWAPConfig:
-    """Settings of SWAP. `schedule.epochs` is the whole budget: phase-1 cap + phase2_epochs."""
+class SWAPConfig(InProcessConfig):
+    """Settings of SWAP. `schedule.epochs` is the whole budget: phase-1 cap + phase2_epochs.
+
+    With fewer processes than `workers` (or `workers_in_process` set), each process holds several
+    workers as in-process models, virtual ranks of their own (swa_lib.inprocess)."""
 
     name: ClassVar[str] = "swap"
     workers: int = 8  # K phase-2 workers; must divide the number of processes
@@ -105,6 +111,11 @@ class SWAPConfig:
         return p
 
     def validate_world(self, world_size: int) -> list[str]:
+        per_process, problems = self.models_per_process(self.workers, world_size, "method.workers")
+        if problems or per_process > 1:
+            return problems or ([f"method.on_worker_failure: average_survivors needs one process per worker, "
+                                 f"not {per_process} in-process workers per process"]
+                                if self.on_worker_failure == "average_survivors" else [])
         if world_size % self.workers:
             return [f"method.workers: {self.workers} workers do not divide the {world_size} launched processes; "
                     f"launch a multiple of {self.workers} processes or pick a divisor of {world_size}"]
@@ -137,11 +148,17 @@ class SWAP(Strategy):
     def setup(self, ctx) -> None:
         super().setup(ctx)
         m, comm = self.cfg.method, ctx.comm
+        self.per_process = m.models_per_process(m.workers, comm.size, "method.workers")[0]
+        self.virtual_world = comm.size * self.per_process  # processes, as if each model had its own
         # Every rank creates every group now, in the same order (Horovod and torch require it).
-        self.group = comm.split(m.workers)
-        self._build_lr_fns(comm.size)
-        global_batch = self.cfg.optim.batch_size * comm.size
-        worker_batch = m.phase2_batch_size * self.group.size
+        # With in-process workers every process is a group (of its own models).
+        self.group = comm.split(comm.size if self.per_process > 1 else m.workers)
+        if self.per_process > 1:
+            self.local_workers = build_local_workers(ctx.model, ctx.optimizer, self.per_process,
+                                                     m.workers_vectorised)
+        self._build_lr_fns(self.virtual_world)
+        global_batch = self.cfg.optim.batch_size * self.virtual_world
+        worker_batch = m.phase2_batch_size * (self.group.size if self.per_process == 1 else 1)
         if worker_batch >= global_batch and comm.rank == 0:
             print(f"warning: SWAP phase-2 worker batch {worker_batch} (phase2_batch_size {m.phase2_batch_size} x "
                   f"{self.group.size} processes) is not smaller than the phase-1 global batch {global_batch}; "
@@ -158,7 +175,8 @@ class SWAP(Strategy):
 
     # ------------------------------------------------------------------ --dry-run
     def plan(self, world_size: int) -> None:
-        self._build_lr_fns(world_size)
+        m = self.cfg.method
+        self._build_lr_fns(world_size * m.models_per_process(m.workers, world_size, "method.workers")[0])
         self.phase2_start = self.phase1_cap  # planned as if stop_accuracy is never reached
 
     def planned_phase(self, epoch: int) -> str:
@@ -166,6 +184,17 @@ class SWAP(Strategy):
 
     def layout(self, world_size: int) -> list[str]:
         m, b = self.cfg.method, self.cfg.optim.batch_size
+        per_process = m.models_per_process(m.workers, world_size, "method.workers")[0]
+        if per_process > 1:
+            v = world_size * per_process
+            return [f"{per_process} in-process models on each of {world_size} processes, one per worker "
+                    f"(virtual ranks 0-{v - 1}; swa_lib.inprocess)",
+                    f"phase 1: the {v} models as data-parallel replicas, global batch {v} x {b} = {v * b}; "
+                    f"ends at its cap of epoch {self.phase1_cap}" + (f" or at {m.stop_accuracy} % training "
+                                                                     f"accuracy" if m.stop_accuracy else ""),
+                    f"phase 2: {m.workers} workers of one model, batch {m.phase2_batch_size} each, for "
+                    f"{m.phase2_epochs} epochs",
+                    f"phase 3: average of the {m.workers} workers, BN recomputed over the {v} phase-1 shards"]
         g = world_size // m.workers
         end = f"at {m.stop_accuracy} % training accuracy or" if m.stop_accuracy is not None else "at"
         workers = ", ".join(f"{k}: ranks {k * g}-{(k + 1) * g - 1}" if g > 1 else f"{k}: rank {k}"
@@ -178,17 +207,34 @@ class SWAP(Strategy):
 
     # ------------------------------------------------------------------ what the loop asks
     def data_shard(self, epoch: int) -> DataShard:
-        if self._phase == "phase1":
-            return super().data_shard(epoch)
-        m = self.cfg.method
-        return DataShard(self.group.rank, self.group.size, m.worker_seed(self.cfg.run.seed, self.group.index),
-                         m.phase2_batch_size)
+        return self.data_shards(epoch)[0]
+
+    def data_shards(self, epoch: int) -> list[DataShard]:
+        return self._shards(phase1=self._phase == "phase1")
+
+    def _shards(self, phase1: bool) -> list[DataShard]:
+        """Phase 1: shard r of the (virtual) world; phase 2: worker k's whole set in its own order."""
+        m, seed, comm = self.cfg.method, self.cfg.run.seed, self.ctx.comm
+        if self.local_workers is None:
+            if phase1:
+                return [DataShard(comm.rank, comm.size, seed, self.cfg.optim.batch_size)]
+            return [DataShard(self.group.rank, self.group.size, m.worker_seed(seed, self.group.index),
+                              m.phase2_batch_size)]
+        ranks = virtual_ranks(comm, self.per_process)  # replica / worker v = this process's model j
+        if phase1:
+            return [DataShard(v, self.virtual_world, seed, self.cfg.optim.batch_size) for v in ranks]
+        return [DataShard(0, 1, m.worker_seed(seed, v), m.phase2_batch_size) for v in ranks]
 
     @property
     def isolated(self) -> bool:
         return self._phase == "phase2" and self.cfg.method.on_worker_failure == "average_survivors"
 
     def gradient_group(self):
+        if self._phase == "phase1":
+            return self.ctx.comm.world
+        return None if self.local_workers is not None else self.group
+
+    def eval_group(self):
         return self.ctx.comm.world if self._phase == "phase1" else self.group
 
     def lr(self, epoch: float) -> float:
@@ -236,10 +282,16 @@ class SWAP(Strategy):
                 self._partial, average = average_survivors(ctx, cfg, self.group.index, present)
                 self.average = average
                 return
-        loader = ctx.workload.train_loader(DataShard(comm.rank, comm.size, cfg.run.seed, cfg.optim.batch_size))
-        loader.set_epoch(ctx.epoch - 1)  # the last epoch's order and augmentation, on every resume too
-        self.average = swap_average_(comm, copy.deepcopy(ctx.model), loader,
-                                     max_batches=cfg.eval.bn_update_batches, device=ctx.device)
+        average = copy.deepcopy(ctx.model)
+        if self.local_workers is not None:  # the mean over every process's models
+            average.load_state_dict(mean_of_workers(self.local_workers, comm, comm.world))
+        else:  # members of a worker hold the same replica: the world mean is the mean over workers
+            average_model_(comm, average, comm.world, buffers=False)  # Distributed
+        # BN recomputed on the phase-1 shards of every process (or virtual rank), combined exactly, in
+        # the last epoch's order and augmentation (on every resume too).
+        recompute_bn_(average, ctx.workload, self._shards(phase1=True), ctx.epoch - 1, comm=comm, group=comm.world,
+                      max_batches=cfg.eval.bn_update_batches, device=ctx.device)
+        self.average = average
         self._phase = "phase3"
 
     def partial_result(self) -> str | None:
@@ -254,10 +306,13 @@ class SWAP(Strategy):
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         return {"phase": self._phase, "phase2_start": self.phase2_start, "phase1_end": self.phase1_end,
-                "average": None if self.average is None else self.average.state_dict()}
+                "average": None if self.average is None else self.average.state_dict(),
+                "workers": None if self.local_workers is None else self.local_workers.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self._phase, self.phase2_start, self.phase1_end = state["phase"], state["phase2_start"], state["phase1_end"]
         if state["average"] is not None:
             self.average = copy.deepcopy(self.ctx.model)
             self.average.load_state_dict(state["average"])
+        if self.local_workers is not None:
+            self.local_workers.load_state_dict(state["workers"])

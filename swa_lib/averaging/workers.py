@@ -1,4 +1,9 @@
-"""The average of K in-process models, and its composition with an average over processes.
+"""Averages over K in-process models (swa_lib.stacked), composed with averages over processes.
+
+`mean_over_workers_` is what a loop needs while it trains in-process workers: the mean of one
+kind of tensor (weights, gradients, BN statistics, momentum) over this process's K models and
+then over a process group, written back into every model. The state-dict functions below are
+the same mean on ordinary single-model state dicts, for models that differ in count per process.
 
 A process holding K_p models (swa_lib.stacked) contributes their mean with weight K_p, so the
 world result is the plain mean over all models even when processes hold different K:
@@ -75,3 +80,37 @@ def allreduce_average_(comm, average: State, count: int, group=None) -> State:
         for t in floats:
             t.div_(total.item())
     return average
+
+
+def _means(workers: InProcessWorkers, kind: str, comm, group) -> tuple[list, list[torch.Tensor]]:
+    """(slots, the mean of each slot over the local models and then over `group`'s processes)."""
+    slots = workers.slots(kind)
+    # Summed in model order, then divided: for K = 2 bitwise an allreduce-mean over two processes.
+    means = [torch.stack(slot).sum(0).div_(len(slot)) for slot in slots]
+    if comm is not None and means:
+        comm.allreduce_(means, op="mean", group=group)  # Distributed: the mean over the group's models
+    return slots, means
+
+
+@torch.no_grad()
+def mean_over_workers_(workers: InProcessWorkers, kind: str, comm=None, group=None) -> None:
+    """Replace tensor `kind` (see InProcessWorkers.slots) of every in-process model by its mean over
+    the K local models and then, with `comm`, over the processes of `group` (default the world).
+
+    Every process of the group must hold the same K (the mean of means is then the mean over all
+    models). The local mean sums the K tensors in model order and divides by K; for K = 2 that is
+    bitwise what an allreduce-mean over two processes gives, which the oracle tests rely on."""
+    slots, means = _means(workers, kind, comm, group)
+    for slot, mean in zip(slots, means, strict=True):
+        for t in slot:
+            t.copy_(mean)
+
+
+@torch.no_grad()
+def mean_of_workers(workers: InProcessWorkers, comm=None, group=None) -> State:
+    """The mean model of every process's K models (as `mean_over_workers_` computes it), as an ordinary
+    state dict; the workers are left as they are. Buffers are local model 0's (recompute BN after)."""
+    state = workers.model_state_dict(0)
+    _, means = _means(workers, "params", comm, group)
+    state.update(zip(workers.param_names, means, strict=True))
+    return state
