@@ -70,7 +70,8 @@ def recompute_bn_(model: nn.Module, workload, shard, epoch: int, *, comm=None, g
         loader.set_epoch(epoch)
         update_bn_(model, loader, comm=comm if len(shards) == 1 else None, group=group, max_batches=max_batches,
                    device=device)
-        per_shard.append([b.clone() for b in bn_buffers(model)])
+        if len(shards) > 1:
+            per_shard.append([b.clone() for b in bn_buffers(model)])
     if len(shards) > 1:
         with torch.no_grad():
             for b, values in zip(bn_buffers(model), zip(*per_shard, strict=True), strict=True):
