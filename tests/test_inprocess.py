@@ -5,6 +5,21 @@ under a real mpirun (one worker / group each), and as one process holding both m
 final checkpoints must hold the same per-worker weights (BN statistics included) and the same
 average: bitwise on the sequential path, to float tolerance on the vectorised (vmap) path.
 Both runs use one thread per process, so that the CPU kernels split their sums alike.
+
+The runs are short (SWAP 32 images, 9 steps; HWA 32 images, 4 steps) at LR 0.01, on purpose.
+The vectorised path sums in another order (vmap makes each conv a grouped conv over K), so it
+equals the process run only up to rounding, and two things grow rounding differences:
+- chaos: at LR 0.05 a relative perturbation of 1e-7 in the starting weights grows to ~18% after
+  16 steps (measured on the sequential path);
+- max-pool near-ties: a 2x2 window whose two largest inputs differ by less than 1e-6 relative
+  can pick another argmax after a 1-ulp change, sending that gradient element elsewhere. With
+  64 images, HWA's model 0 at step 2 has one such window (of 6,990) before features.7; the
+  gradients of every earlier layer then differ by 1-6% between the paths, although each path's
+  conv, BN and ReLU gradients match float64 to 1e-7 (diagnosed in the issue 16 notes).
+Short runs at a small LR keep the difference near rounding (~4e-6 here), where a logic error (a
+wrong shard, LR, momentum or BN buffer) still shows as percents. The vectorised assertions are
+therefore a per-machine check: another CPU's kernels may round into a near-tie; the sequential
+assertions are the bitwise oracle.
 """
 from __future__ import annotations
 
@@ -21,18 +36,15 @@ from swa_lib.comm import init_comm
 from swa_lib.config import load_config
 from swa_lib.inprocess import resolve_models_per_process
 
-DATA = ["data.dataset=cifar10_jpg", "data.train_subset=256", "data.test_subset=200", "model.name=resnet9",
-        "model.kwargs={width: 4}", "optim.batch_size=16", "optim.lr=0.05", "eval.batch_size=100",
+DATA = ["data.dataset=cifar10_jpg", "data.train_subset=32", "data.test_subset=200", "model.name=resnet9",
+        "model.kwargs={width: 4}", "optim.batch_size=16", "optim.lr=0.01", "eval.batch_size=100",
         "eval.bn_update_batches=2", "run.progress=false", "run.channels_last=false"]
 SWAP = ["schedule.epochs=3", "schedule.kind=linear", "method.workers=2", "method.stop_accuracy=null",
-        "method.phase2_epochs=2", "method.phase2_batch_size=8", "method.phase2_lr=0.02"]
-HWA = ["schedule.epochs=2", "method.groups=2", "method.sync_period_steps=4", "method.window_cycles=3",
+        "method.phase2_epochs=2", "method.phase2_batch_size=8", "method.phase2_lr=0.005"]
+HWA = ["schedule.epochs=2", "method.groups=2", "method.sync_period_steps=2",
+       "method.window_cycles=2",
        "method.eval_online=true"]
 TOL = 1e-4  # vectorised path: relative to the tensor's largest value (float32 sums in another order)
-# Known bug (issue 16): in the loop, the vmap path ends far from the process run (SWAP worker 0's first
-# conv weight off by 0.12 of 0.24 after 3 epochs), although it matches K models trained one by one
-# outside the loop (tests/test_stacked.py). Strict: the test fails once the gap is fixed.
-VECTORISED_GAP = pytest.mark.xfail(strict=True, reason="in-loop vmap path diverges from K processes (issue 16)")
 ENTRIES = {"swap": ("experiments/swap_cifar.py", "configs/swap/cifar10_resnet9_swap_smoke.yaml", SWAP),
            "hwa": ("experiments/hwa_cifar.py", "configs/hwa/cifar10_resnet9_hwa_smoke.yaml", HWA)}
 
@@ -77,7 +89,7 @@ def process_runs(tmp_path_factory):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("vectorised", [False, pytest.param(True, marks=VECTORISED_GAP)],
+@pytest.mark.parametrize("vectorised", [False, True],
                          ids=["sequential", "vectorised"])
 def test_swap_with_two_workers_in_one_process_equals_two_processes(process_runs, tmp_path, vectorised):
     _run("swap", tmp_path, 1, f"method.workers_vectorised={str(vectorised).lower()}")  # auto: 2 per process
@@ -93,7 +105,7 @@ def test_swap_with_two_workers_in_one_process_equals_two_processes(process_runs,
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("vectorised", [False, pytest.param(True, marks=VECTORISED_GAP)],
+@pytest.mark.parametrize("vectorised", [False, True],
                          ids=["sequential", "vectorised"])
 def test_hwa_with_two_groups_in_one_process_equals_two_processes(process_runs, tmp_path, vectorised):
     _run("hwa", tmp_path, 1, f"method.workers_vectorised={str(vectorised).lower()}")
@@ -104,7 +116,7 @@ def test_hwa_with_two_groups_in_one_process_equals_two_processes(process_runs, t
         _same(procs[k]["optimizer"]["state"][0], local["strategy"]["workers"]["optimizers"][k]["state"][0],
               not vectorised, f"HWA group {k} momentum")
     window_p, window_l = procs[0]["strategy"]["window"], local["strategy"]["window"]
-    assert len(window_p) == len(window_l) == 3 and local["strategy"]["cycles"] == procs[0]["strategy"]["cycles"]
+    assert len(window_p) == len(window_l) == 2 and local["strategy"]["cycles"] == procs[0]["strategy"]["cycles"]
     for i, (a, b) in enumerate(zip(window_p, window_l, strict=True)):
         _same({"w": a}, {"w": b}, not vectorised, f"HWA window entry {i}")
 
