@@ -10,6 +10,8 @@ Each table spec lists the claims it tests (`claims:` in configs/reproduce/<name>
         expect: positive | negative | within 0.3   # the sign the claim predicts for a - b, or
                                               # "no difference": |a - b| at most 0.3 points
         note: optional one-line context
+        names: [SWA, SGD]                     # optional: how the summary names a and b (default:
+                                              # their row labels, ambiguous when both are one row)
 
 The verdict is mechanical, from the paired per-seed differences:
   holds                every seed's difference has the predicted sign (or is within the margin);
@@ -58,11 +60,12 @@ def claim_rows(root: Path, spec_names: list[str]) -> tuple[list[str], float, lis
         numbers = json.loads(numbers_path.read_text())
         total_s += numbers.get("elapsed_s", 0.0)
         link = Path(spec["output"]).name
+        names_of = {c["claim"]: c.get("names") for c in spec.get("claims", [])}
         for claim in numbers.get("claims", []):
             diffs = list(claim["per_seed"].values())
-            a, b = claim["difference"]
-            ours = (f"{a.partition('@')[0]}: {mean_std(list(claim['a'].values()))}; "
-                    f"{b.partition('@')[0]}: {mean_std(list(claim['b'].values()))}; "
+            name_a, name_b = names_of.get(claim["claim"]) or [r.partition("@")[0] for r in claim["difference"]]
+            ours = (f"{name_a}: {mean_std(list(claim['a'].values()))}; "
+                    f"{name_b}: {mean_std(list(claim['b'].values()))}; "
                     f"difference {mean_std(diffs)} ({', '.join(f'{d:+.2f}' for d in diffs)})")
             note = f" {claim['note']}" if claim.get("note") else ""
             lines.append(f"| {claim['claim']}{note} | {claim['paper']} ({claim['paper_status']}) | {ours} | "
