@@ -32,6 +32,8 @@ PROCESS_CASES = {
     "sigkill_swap1": ("sigkill", "1", 3, "swap", f"rank 1 after step 3: {P1}", None, ["signal 9"]),
     "sigkill_swap2": ("sigkill", "1", 13, "swap", f"rank 1 after step 13: {P2}", None, ["signal 9"]),
     "sigkill_hwa": ("sigkill", "1", 11, "hwa", f"rank 1 after step 11: {HWA}", None, ["signal 9"]),
+    "sigkill_swap3": ("sigkill_phase3", "1", 40, "swap", "rank 1 in SWAP phase 3, after the workers' average and "
+                      "before its BN recompute (after step 40, the last of phase 2)", None, ["signal 9"]),
     "sigkill_checkpoint": ("sigkill_checkpoint", "1", 5, "swap", "rank 1, half-way through writing its file of the "
                            "phase-1 -> 2 checkpoint (step 8)", None, ["signal 9"]),
     "sigterm_swap1_one": ("sigterm", "1", 3, "swap", f"rank 1 only, after step 3: {P1}", 75, ["preempted", "signal"]),
@@ -55,8 +57,9 @@ def process_fault(order, table, work, refs, case):
     run = launch(2, config, run_dir, fault, ranks, step)
     ckpt = checkpoint_state(run_dir)
     resume, ok = resume_and_compare(2, config, run_dir, refs[method])
-    table.add(order, fault.upper().replace("NAN", "NaN on one rank").replace("_CHECKPOINT", " during a checkpoint "
-              "write"), where, run, ckpt, resume, ok, expect_rc=rc, message_has=words)
+    name = fault.upper().replace("_PHASE3", "").replace("NAN", "NaN on one rank")
+    table.add(order, name.replace("_CHECKPOINT", " during a checkpoint write"), where, run, ckpt, resume, ok,
+              expect_rc=rc, message_has=words)
 
 
 def full_disk(order, table, work, refs, keep=False):

@@ -1,14 +1,16 @@
 """Per-rank program: the experiment command line (swa_lib.cli.main) with one fault injected.
 
 Usage: fault_inject.py FAULT RANKS STEP CLI_ARGS...
-  FAULT   none | ready | sigterm | sigint | sigkill | sigkill_checkpoint | nan | fill_disk
+  FAULT   none | ready | sigterm | sigint | sigkill | sigkill_checkpoint | sigkill_phase3 | nan | fill_disk
   RANKS   "all", or comma-separated world ranks that inject the fault (e.g. "1")
   STEP    optimizer step after which the fault fires (sigkill_checkpoint: the first checkpoint
           write at or after this step; fill_disk: at the first checkpoint write at or after this
           step, rank 0 fills the file system of the run directory with one file, run_dir/../filler,
           as another job on a shared disk would, and then every rank writes its file; ready: no
           fault, every rank prints the INJECT line once the trainer is built (config checked, data
-          loaded, model built) and exits 0 without training: the startup cost of a launch)
+          loaded, model built) and exits 0 without training: the startup cost of a launch;
+          sigkill_phase3: SWAP only, STEP unused: the rank kills itself in phase 3, after the
+          average of the workers and before the BN recompute of the average)
 Exits with the code main() returns, so a test sees exactly what a user's shell would.
 
 The faults act on the process itself, at a chosen point, so that a test lands in a known
@@ -24,7 +26,7 @@ import swa_lib.checkpoint
 import swa_lib.cli
 import tiny_models  # noqa: F401 - registers the tiny test models
 
-FAULTS = ("none", "ready", "sigterm", "sigint", "sigkill", "sigkill_checkpoint", "nan", "fill_disk")
+FAULTS = ("none", "ready", "sigterm", "sigint", "sigkill", "sigkill_checkpoint", "sigkill_phase3", "nan", "fill_disk")
 
 
 def fill(path) -> None:
@@ -58,7 +60,7 @@ def main() -> int:
 
         def after_step_with_fault(s):
             after_step(s)
-            if s != step or fault in ("sigkill_checkpoint", "fill_disk"):  # these fire in a checkpoint write
+            if s != step or fault in ("sigkill_checkpoint", "fill_disk", "sigkill_phase3"):  # these fire elsewhere
                 return
             print(f"INJECT {fault} rank={rank} step={s} phase={trainer.strategy.phase}", flush=True)
             if fault in ("sigterm", "sigint", "sigkill"):
@@ -83,6 +85,14 @@ def main() -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
 
             swa_lib.checkpoint.atomic_torch_save = save_then_die
+        if fault == "sigkill_phase3":
+            import swa_lib.methods.swap as swap_module
+
+            def die_before_bn_recompute(*args, **kwargs):
+                print(f"INJECT {fault} rank={rank} step={trainer.ctx.step} phase=phase3", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            swap_module.recompute_bn_ = die_before_bn_recompute
         if fault == "fill_disk":
             real_save = swa_lib.checkpoint.atomic_torch_save
             filled = []
