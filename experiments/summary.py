@@ -55,7 +55,11 @@ def claim_rows(root: Path, spec_names: list[str]) -> tuple[list[str], float, lis
         spec = yaml.safe_load((root / "configs" / "reproduce" / f"{name}.yaml").read_text())
         numbers_path = (root / spec["output"]).with_suffix(".json")
         if not numbers_path.exists():
-            missing.append(f"`{name}` (no {numbers_path.relative_to(root)}: run `./run.sh reproduce {name}`)")
+            runs = len(spec["rows"]) * len(spec["seeds"])
+            records = root / "results" / "run_records" / name
+            done = sum(1 for p in records.glob("*/summary.json")) if records.is_dir() else 0
+            recorded = f"{done} of its {runs} runs recorded in {records.relative_to(root)}/; " if done else ""
+            missing.append(f"`{name}` (no {numbers_path.relative_to(root)}: {recorded}run `./run.sh reproduce {name}`)")
             continue
         numbers = json.loads(numbers_path.read_text())
         total_s += numbers.get("elapsed_s", 0.0)

@@ -62,6 +62,28 @@ def test_claim_verdicts(diffs, expect, verdict):
     assert summary.verdict(diffs, expect) == verdict
 
 
+def test_summary_page_names_both_sides_and_counts_the_recorded_runs_of_an_unfinished_table(tmp_path):
+    specs = tmp_path / "configs" / "reproduce"
+    specs.mkdir(parents=True)
+    claim = {"claim": "X beats its own start", "paper": "p", "paper_status": "verified",
+             "difference": ["X", "X@start/acc"], "expect": "positive"}
+    (specs / "done.yaml").write_text(yaml.safe_dump({"output": "results/done.md", "rows": [{"label": "X"}],
+                                                     "seeds": [0, 1], "claims": [{**claim, "names": ["X", "start"]}]}))
+    (specs / "half.yaml").write_text(yaml.safe_dump({"output": "results/half.md", "seeds": [0, 1, 2],
+                                                     "rows": [{"label": "A"}, {"label": "B"}]}))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "done.json").write_text(json.dumps({"elapsed_s": 7200, "claims": [
+        {**claim, "per_seed": {"0": 0.5, "1": -0.1}, "a": {"0": 80.0, "1": 81.0}, "b": {"0": 79.5, "1": 81.1}}]}))
+    for run in ("A-s0", "B-s0", "A-s1"):
+        (tmp_path / "results" / "run_records" / "half" / run).mkdir(parents=True)
+        (tmp_path / "results" / "run_records" / "half" / run / "summary.json").write_text("{}")
+    page = summary.write(tmp_path, ["done", "half"]).read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| X beats its own start"))
+    assert "X: 80.50 ± 0.71; start: 80.30 ± 1.13" in row and "(+0.50, -0.10)" in row and "**partly**" in row, row
+    assert "2.0 h of wall time" in page
+    assert "`half` (no results/half.json: 3 of its 6 runs recorded in results/run_records/half/" in page, page
+
+
 def test_a_run_is_reused_only_with_the_same_config_and_code(tmp_path, monkeypatch):
     spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
     monkeypatch.setattr(reproduce, "RUNS", tmp_path)
