@@ -219,6 +219,8 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
             move_aside(job, why)
         if not job.finished:
             todo.append(job)
+        elif not (job.record / "summary.json").exists():
+            job.save_record()  # finished while an earlier invocation was being stopped, before it could record it
     cores = len(os.sched_getaffinity(0))
     width = max(j.processes for j in todo) if todo else 1
     at_once = jobs_at_once or max(1, cores // width)
@@ -257,6 +259,19 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
     return {(j.label, j.seed): json.loads((j.dir / "summary.json").read_text()) for j in jobs}, at_once, threads
 
 
+def table_wall_s(name: str, summaries: dict, at_once: int) -> float:
+    """Wall time of the whole table as its runs were run: each run's own wall time divided by the
+    number of runs that shared the cores with it (its load file; this invocation's if it has none).
+    Unlike one invocation's elapsed time, it counts runs that an earlier invocation (or session)
+    trained and this one reused."""
+    total = 0.0
+    for (label, seed), summary in summaries.items():
+        f = RUNS / name / f"{run_dir_name(label, seed)}.load.json"
+        shared = json.loads(f.read_text()).get("at_once", at_once) if f.exists() else at_once
+        total += summary["final"]["wall_s"] / max(1, shared or 1)
+    return total
+
+
 def provenance(spec: dict, name: str, summaries: dict, elapsed_s: float, at_once: int, threads: int,
                sharing: Sharing) -> list[str]:
     infos = [json.loads((RUNS / name / run_dir_name(label, seed) / "run_info.json").read_text())
@@ -285,8 +300,12 @@ def provenance(spec: dict, name: str, summaries: dict, elapsed_s: float, at_once
             layouts.add((state["at_once"], state["threads"]))
     others = ", ".join(sorted(others - {name})) or "none"
     layout = " / ".join(f"{a} run(s) at a time, {t} thread(s) per process" for a, t in sorted(layouts))
+    run_s = sum(s["final"]["wall_s"] for s in summaries.values())
     return [f"- command: `./run.sh reproduce {name}` (this invocation: {elapsed_s / 60:.1f} min; runs reused from "
             f"earlier invocations keep their own wall times)",
+            f"- wall time of the table: {table_wall_s(name, summaries, at_once) / 3600:.2f} h (each run's wall "
+            f"time divided by the runs that shared the cores with it; the runs' own wall times sum to "
+            f"{run_s / 3600:.2f} h)",
             f"- commit(s) of the runs: {', '.join(f'`{c}`' for c in commits)}",
             "- machine(s) of the runs: " + "; ".join(
                 f"{m} ({n} run(s))" for m, n in sorted(machines.items())),
@@ -354,7 +373,8 @@ def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = Fals
     markdown, numbers = tables.render(spec, summaries, provenance(spec, name, summaries, elapsed, at_once, threads,
                                                                   sharing), make_plots(spec, name, summaries))
     numbers.update(spec=name, output=spec["output"], elapsed_s=elapsed,
-                   run_wall_s=sum(s["final"]["wall_s"] for s in summaries.values()), jobs_at_once=at_once,
+                   run_wall_s=sum(s["final"]["wall_s"] for s in summaries.values()),
+                   table_wall_s=table_wall_s(name, summaries, at_once), jobs_at_once=at_once,
                    shared_with=sorted(sharing.others), date=dt.date.today().isoformat())
     out = ROOT / spec["output"]
     tables.write(out, markdown, numbers)

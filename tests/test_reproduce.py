@@ -84,6 +84,22 @@ def test_summary_page_names_both_sides_and_counts_the_recorded_runs_of_an_unfini
     assert "`half` (no results/half.json: 3 of its 6 runs recorded in results/run_records/half/" in page, page
 
 
+def test_table_time_counts_reused_runs_divided_by_the_runs_that_shared_the_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
+    (tmp_path / "t").mkdir()
+    # A-s0 ran alone in an earlier invocation, B-s0 beside another run; A-s1 has no load file (this invocation, 2 at once).
+    (tmp_path / "t" / "A-s0.load.json").write_text(json.dumps({"load": [1.0], "tables": [], "at_once": 1}))
+    (tmp_path / "t" / "B-s0.load.json").write_text(json.dumps({"load": [2.0], "tables": [], "at_once": 2}))
+    runs = {("A", 0): {"final": {"wall_s": 3600.0}}, ("B", 0): {"final": {"wall_s": 1800.0}},
+            ("A", 1): {"final": {"wall_s": 1200.0}}}
+    assert reproduce.table_wall_s("t", runs, at_once=2) == 3600.0 + 900.0 + 600.0
+    # The summary takes that figure; an older table without it gets the larger of its last invocation
+    # and its runs' time over the runs at a time, never only a short final invocation.
+    assert summary.table_seconds({"table_wall_s": 5100.0, "elapsed_s": 10.0}) == 5100.0
+    assert summary.table_seconds({"elapsed_s": 60.0, "run_wall_s": 7200.0, "jobs_at_once": 2}) == 3600.0
+    assert summary.table_seconds({"elapsed_s": 8000.0, "run_wall_s": 7200.0, "jobs_at_once": 2}) == 8000.0
+
+
 def test_a_run_is_reused_only_with_the_same_config_and_code(tmp_path, monkeypatch):
     spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
     monkeypatch.setattr(reproduce, "RUNS", tmp_path)
@@ -159,6 +175,33 @@ def test_a_finished_run_survives_a_new_machine_through_its_record(tmp_path, monk
     assert job.restore_record() and job.finished and job.load_file.exists()
     assert not job.restore_record()  # an existing run directory is never overwritten
     assert not other.keep_weights and not other.restore_record()  # no record: nothing to restore
+
+
+def test_a_run_that_finished_without_its_record_gets_one_at_the_next_invocation(tmp_path, monkeypatch):
+    """A run can finish while its `reproduce` is being stopped, before the record is written; the
+    next invocation finds it finished (nothing to train) and must still record it."""
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    spec["output"] = "results/smoke.md"  # a results/ table: its runs are recorded
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "RECORDS", tmp_path / "records")
+    monkeypatch.setenv("SWA_REPRODUCE_ACTIVE", str(tmp_path / "active"))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    jobs = reproduce.all_jobs(spec, "smoke")
+    for job in jobs:
+        job.dir.mkdir(parents=True)
+        (job.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(job.config), sort_keys=False))
+        (job.dir / "run_info.json").write_text(json.dumps({"git_commit": head}))
+        (job.dir / "summary.json").write_text(json.dumps({"final": {"wall_s": 1.0}}))
+    jobs[0].save_record()
+    assert [(tmp_path / "records" / "smoke" / j.dir.name / "summary.json").exists() for j in jobs] == \
+        [True] + [False] * (len(jobs) - 1)
+    sharing = reproduce.Sharing("smoke")
+    try:
+        summaries, _, _ = reproduce.run_all(spec, "smoke", 1, False, sharing)
+    finally:
+        sharing.close()
+    assert len(summaries) == len(jobs)
+    assert all((tmp_path / "records" / "smoke" / j.dir.name / "summary.json").exists() for j in jobs)
 
 
 @pytest.mark.timeout(600)
