@@ -87,7 +87,8 @@ def test_summary_page_names_both_sides_and_counts_the_recorded_runs_of_an_unfini
 def test_table_time_counts_reused_runs_divided_by_the_runs_that_shared_the_cores(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "RUNS", tmp_path)
     (tmp_path / "t").mkdir()
-    # A-s0 ran alone in an earlier invocation, B-s0 beside another run; A-s1 has no load file (this invocation, 2 at once).
+    # A-s0 ran alone in an earlier invocation, B-s0 beside another run; A-s1 has no load file
+    # (this invocation, 2 at once).
     (tmp_path / "t" / "A-s0.load.json").write_text(json.dumps({"load": [1.0], "tables": [], "at_once": 1}))
     (tmp_path / "t" / "B-s0.load.json").write_text(json.dumps({"load": [2.0], "tables": [], "at_once": 2}))
     runs = {("A", 0): {"final": {"wall_s": 3600.0}}, ("B", 0): {"final": {"wall_s": 1800.0}},
