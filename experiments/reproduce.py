@@ -107,7 +107,9 @@ class Job:
             return f"its config differs in {', '.join(keys) or ', '.join(differing)}"
         if commit.endswith("-dirty") or commit == "unknown":
             return f"it ran from a modified or unknown tree ({commit})"
-        paths = [*CODE_PATHS, self.entry, self.row["config"]]
+        # The row's config file is not among the paths: the resolved config compared above is the
+        # exact test, and a comment in the file (how a value was chosen) does not change a run.
+        paths = [*CODE_PATHS, self.entry]
         same = subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", *paths], cwd=ROOT,
                               capture_output=True).returncode == 0
         return None if same else f"the code changed since its commit {commit[:10]} ({', '.join(paths)})"
