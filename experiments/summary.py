@@ -68,9 +68,11 @@ def claim_rows(root: Path, spec_names: list[str]) -> tuple[list[str], float, lis
         for claim in numbers.get("claims", []):
             diffs = list(claim["per_seed"].values())
             name_a, name_b = names_of.get(claim["claim"]) or [r.partition("@")[0] for r in claim["difference"]]
-            ours = (f"{name_a}: {mean_std(list(claim['a'].values()))}; "
-                    f"{name_b}: {mean_std(list(claim['b'].values()))}; "
-                    f"difference {mean_std(diffs)} ({', '.join(f'{d:+.2f}' for d in diffs)})")
+            counts = all(float(v).is_integer() for v in [*claim["a"].values(), *claim["b"].values()])
+            fmt = "{:.0f}" if counts else "{:.2f}"  # steps are counts; accuracies have two decimals
+            ours = (f"{name_a}: {mean_std(list(claim['a'].values()), fmt)}; "
+                    f"{name_b}: {mean_std(list(claim['b'].values()), fmt)}; "
+                    f"difference {mean_std(diffs, fmt)} ({', '.join(fmt.replace(':', ':+').format(d) for d in diffs)})")
             note = f" {claim['note']}" if claim.get("note") else ""
             lines.append(f"| {claim['claim']}{note} | {claim['paper']} ({claim['paper_status']}) | {ours} | "
                          f"**{verdict(diffs, claim['expect'])}** | [{link}]({link}) |")
