@@ -105,11 +105,18 @@ class Job:
             keys = [f"{s}.{k}" for s in differing for k in sorted(set(had.get(s) or {}) | set(want.get(s) or {}))
                     if (had.get(s) or {}).get(k) != (want.get(s) or {}).get(k)]
             return f"its config differs in {', '.join(keys) or ', '.join(differing)}"
-        if commit.endswith("-dirty") or commit == "unknown":
-            return f"it ran from a modified or unknown tree ({commit})"
         # The row's config file is not among the paths: the resolved config compared above is the
         # exact test, and a comment in the file (how a value was chosen) does not change a run.
         paths = [*CODE_PATHS, self.entry]
+        if commit.endswith("-dirty"):
+            dirty = json.loads(self.load_file.read_text()).get("dirty_paths") if self.load_file.exists() else None
+            code = [d for d in dirty or [] if any(d == p or d.startswith(p.rstrip("/") + "/") for p in paths)]
+            if dirty is None or code:
+                return (f"it ran from a modified tree ({commit}"
+                        + (f"; modified code: {', '.join(code)})" if code else "; which files, not recorded)"))
+            commit = commit.removesuffix("-dirty")  # only files that are not code were modified
+        if commit == "unknown":
+            return "it ran from an unknown tree"
         same = subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", *paths], cwd=ROOT,
                               capture_output=True).returncode == 0
         return None if same else f"the code changed since its commit {commit[:10]} ({', '.join(paths)})"
@@ -157,6 +164,16 @@ class Job:
         state["tables"] = sorted(set(state["tables"]) | others)
         self.load_file.write_text(json.dumps(state))
 
+    def note_dirty_paths(self) -> None:
+        """Keep the tracked files modified at this (re)start in the run's load file. A run whose commit
+        reads '-dirty' stays reusable if none of them is code (`mismatch`): an edited README or table
+        during a long table must not cost its runs."""
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                             capture_output=True, text=True).stdout
+        state = json.loads(self.load_file.read_text()) if self.load_file.exists() else {"load": [], "tables": []}
+        state["dirty_paths"] = sorted(set(state.get("dirty_paths", [])) | {line[3:] for line in out.splitlines()})
+        self.load_file.write_text(json.dumps(state))
+
     def start(self, threads: int) -> subprocess.Popen:
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.dir.parent / f"{self.dir.name}.log"
@@ -164,6 +181,7 @@ class Job:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         cmd = launch_command(self.entry, self.processes, self.row["config"], self.dir, self.overrides)
         self.started = time.perf_counter()
+        self.note_dirty_paths()
         with open(self.log, "a") as fh:
             fh.write(f"\n$ OMP_NUM_THREADS={threads} {' '.join(cmd)}\n")
             fh.flush()

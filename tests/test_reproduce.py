@@ -122,7 +122,22 @@ def test_a_run_is_reused_only_with_the_same_config_and_code(tmp_path, monkeypatc
     record(changed, head)
     assert job.mismatch() == "its config differs in optim.lr"
     record(to_dict(job.config), head + "-dirty")
-    assert "modified or unknown tree" in job.mismatch()
+    assert "which files, not recorded" in job.mismatch()  # a run from before dirty paths were kept
+    job.load_file.write_text(json.dumps({"load": [], "tables": [], "dirty_paths": ["README.md", "results/x.md"]}))
+    assert job.mismatch() is None  # modified, but nothing that runs
+    job.load_file.write_text(json.dumps({"dirty_paths": ["README.md", "swa_lib/loop.py", "experiments/summary.py"]}))
+    assert job.mismatch() == f"it ran from a modified tree ({head}-dirty; modified code: swa_lib/loop.py)"
+    job.load_file.write_text(json.dumps({"dirty_paths": ["swa_lib_notes.md"]}))  # a prefix of a path, not under it
+    assert job.mismatch() is None
+    job.load_file.unlink()
+    monkeypatch.chdir(tmp_path)
+    job.note_dirty_paths()  # what `start` keeps: the checkout's modified tracked files, whatever the cwd
+    assert set(json.loads(job.load_file.read_text())["dirty_paths"]) == {
+        line[3:] for line in subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                            capture_output=True, text=True).stdout.splitlines()}
+    job.load_file.unlink()
+    record(to_dict(job.config), "unknown")
+    assert job.mismatch() == "it ran from an unknown tree"
     record(to_dict(job.config), first)  # the first commit had none of today's code
     assert "the code changed since its commit" in job.mismatch()
 
