@@ -109,7 +109,7 @@ class Job:
         # exact test, and a comment in the file (how a value was chosen) does not change a run.
         paths = [*CODE_PATHS, self.entry]
         if commit.endswith("-dirty"):
-            dirty = json.loads(self.load_file.read_text()).get("dirty_paths") if self.load_file.exists() else None
+            dirty = self.load_state().get("dirty_paths")
             code = [d for d in dirty or [] if any(d == p or d.startswith(p.rstrip("/") + "/") for p in paths)]
             if dirty is None or code:
                 return (f"it ran from a modified tree ({commit}"
@@ -157,8 +157,12 @@ class Job:
         """Load-average samples taken while this run trained (kept beside its log)."""
         return self.dir.parent / f"{self.dir.name}.load.json"
 
+    def load_state(self) -> dict:
+        """The run's load file: load samples, concurrent tables, layout, modified paths at its starts."""
+        return json.loads(self.load_file.read_text()) if self.load_file.exists() else {"load": [], "tables": []}
+
     def record_load(self, others: set[str], at_once: int) -> None:
-        state = json.loads(self.load_file.read_text()) if self.load_file.exists() else {"load": [], "tables": []}
+        state = self.load_state()
         state.update(at_once=at_once, threads=self.threads)
         state["load"].append(round(os.getloadavg()[0], 2))
         state["tables"] = sorted(set(state["tables"]) | others)
@@ -170,7 +174,7 @@ class Job:
         during a long table must not cost its runs."""
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                              capture_output=True, text=True).stdout
-        state = json.loads(self.load_file.read_text()) if self.load_file.exists() else {"load": [], "tables": []}
+        state = self.load_state()
         state["dirty_paths"] = sorted(set(state.get("dirty_paths", [])) | {line[3:] for line in out.splitlines()})
         self.load_file.write_text(json.dumps(state))
 
@@ -288,7 +292,7 @@ def table_wall_s(name: str, summaries: dict, at_once: int) -> float:
     for (label, seed), summary in summaries.items():
         f = RUNS / name / f"{run_dir_name(label, seed)}.load.json"
         shared = json.loads(f.read_text()).get("at_once", at_once) if f.exists() else at_once
-        total += summary["final"]["wall_s"] / max(1, shared or 1)
+        total += summary["final"]["wall_s"] / (shared or 1)
     return total
 
 
