@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments import summary as summary_page  # noqa: E402
 from experiments import tables  # noqa: E402
+from experiments.provenance import provenance  # noqa: E402
 from swa_lib.config import ConfigError, load_config, to_dict  # noqa: E402
-from swa_lib.run_log import library_versions, machine_description  # noqa: E402
 from swa_lib.workload import model_names  # noqa: E402
 
 SPECS = ROOT / "configs" / "reproduce"
@@ -296,63 +296,6 @@ def table_wall_s(name: str, summaries: dict, at_once: int) -> float:
     return total
 
 
-def provenance(spec: dict, name: str, summaries: dict, elapsed_s: float, at_once: int, threads: int,
-               sharing: Sharing) -> list[str]:
-    infos = [json.loads((RUNS / name / run_dir_name(label, seed) / "run_info.json").read_text())
-             for label, seed in summaries]
-    commits = sorted({i["git_commit"] for i in infos})
-    machines: dict[str, int] = {}
-    for i in infos:
-        cpu = i.get("numerics", {}).get("cpu", {})
-        key = i.get("machine", "unknown") + (f", CPU family/model/stepping {cpu['family_model_stepping']}"
-                                             if cpu.get("family_model_stepping") else "")
-        machines[key] = machines.get(key, 0) + 1
-    dates = sorted(i.get("started", "unknown")[:10] for i in infos)
-    data = sorted({(s.get("train_images"), s.get("eval_images"), s.get("eval_split", "test"))
-                   for s in summaries.values()}, key=str)
-    precision = sorted({str(i["config"]["run"].get("precision", "fp32")) for i in infos})
-    v = library_versions()
-    # Load and concurrent tables while each run trained (recorded per run, so reused runs count too).
-    loads, others = list(sharing.loads), set(sharing.others)
-    layouts = {(at_once, threads)} if threads else set()
-    for label, seed in summaries:
-        f = RUNS / name / f"{run_dir_name(label, seed)}.load.json"
-        if f.exists():
-            state = json.loads(f.read_text())
-            loads += state["load"]
-            others |= set(state["tables"])
-            layouts.add((state["at_once"], state["threads"]))
-    others = ", ".join(sorted(others - {name})) or "none"
-    layout = " / ".join(f"{a} run(s) at a time, {t} thread(s) per process" for a, t in sorted(layouts))
-    run_s = sum(s["final"]["wall_s"] for s in summaries.values())
-    return [f"- command: `./run.sh reproduce {name}` (this invocation: {elapsed_s / 60:.1f} min; runs reused from "
-            f"earlier invocations keep their own wall times)",
-            f"- wall time of the table: {table_wall_s(name, summaries, at_once) / 3600:.2f} h (each run's wall "
-            f"time divided by the runs that shared the cores with it; the runs' own wall times sum to "
-            f"{run_s / 3600:.2f} h)",
-            f"- commit(s) of the runs: {', '.join(f'`{c}`' for c in commits)}",
-            "- machine(s) of the runs: " + "; ".join(
-                f"{m} ({n} run(s))" for m, n in sorted(machines.items())),
-            f"- run dates: {min(dates)} to {max(dates)}" + (
-                " (runs restored from results/run_records/ ran in earlier sessions, possibly on another "
-                "machine of the same kind)" if len(set(dates)) > 1 else ""),
-            f"- this invocation's machine: {machine_description()}",
-            f"- cores shared: {layout or 'not recorded'}; other tables running "
-            f"at the same time: {others}; load average (1 min) during the runs: "
-            f"{min(loads):.1f}-{max(loads):.1f} (median {sorted(loads)[len(loads) // 2]:.1f}; 2 cores)",
-            "- data: " + "; ".join(f"{tr:,} training images, evaluated on {ev:,} {split} images"
-                                    for tr, ev, split in data),
-            f"- precision: {', '.join(precision)}",
-            f"- table written: {dt.date.today().isoformat()}",
-            f"- versions: torch {v['torch']}, torchvision {v['torchvision']}, horovod {v['horovod']}, "
-            f"mpi4py {v['mpi4py']}",
-            f"- table spec: `configs/reproduce/{name}.yaml`; configs: "
-            + ", ".join(f"`{r['config']}`" + (f" + `{' '.join(r['overrides'])}`" if r.get("overrides") else "")
-                        for r in spec["rows"]),
-            f"- run directories with TensorBoard logs: `runs/reproduce/{name}/` "
-            f"(`./run.sh tensorboard runs/reproduce/{name}`)"]
-
-
 def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
     """Call each `plots:` entry ("module:function"); see experiments/swap_plots.py for the contract."""
     import importlib
@@ -394,11 +337,13 @@ def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = Fals
     finally:
         sharing.close()
     elapsed = time.perf_counter() - start
-    markdown, numbers = tables.render(spec, summaries, provenance(spec, name, summaries, elapsed, at_once, threads,
-                                                                  sharing), make_plots(spec, name, summaries))
+    table_s = table_wall_s(name, summaries, at_once)
+    lines = provenance(spec, name, lambda label, seed: RUNS / name / run_dir_name(label, seed), summaries, elapsed,
+                       at_once, threads, sharing, table_s)
+    markdown, numbers = tables.render(spec, summaries, lines, make_plots(spec, name, summaries))
     numbers.update(spec=name, output=spec["output"], elapsed_s=elapsed,
                    run_wall_s=sum(s["final"]["wall_s"] for s in summaries.values()),
-                   table_wall_s=table_wall_s(name, summaries, at_once), jobs_at_once=at_once,
+                   table_wall_s=table_s, jobs_at_once=at_once,
                    shared_with=sorted(sharing.others), date=dt.date.today().isoformat())
     out = ROOT / spec["output"]
     tables.write(out, markdown, numbers)

@@ -1,0 +1,66 @@
+"""Provenance lines of a reproduced table (experiments/reproduce.py): the command, the table's wall
+time, the runs' commits, machines and dates, what shared the cores, data, precision and versions."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from swa_lib.run_log import library_versions, machine_description
+
+
+def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float, at_once: int, threads: int,
+               sharing, table_s: float) -> list[str]:
+    """The provenance lines of a table: command, wall time, commits, machines, dates, sharing, data."""
+    infos = [json.loads((dir_of(label, seed) / "run_info.json").read_text())
+             for label, seed in summaries]
+    commits = sorted({i["git_commit"] for i in infos})
+    machines: dict[str, int] = {}
+    for i in infos:
+        cpu = i.get("numerics", {}).get("cpu", {})
+        key = i.get("machine", "unknown") + (f", CPU family/model/stepping {cpu['family_model_stepping']}"
+                                             if cpu.get("family_model_stepping") else "")
+        machines[key] = machines.get(key, 0) + 1
+    dates = sorted(i.get("started", "unknown")[:10] for i in infos)
+    data = sorted({(s.get("train_images"), s.get("eval_images"), s.get("eval_split", "test"))
+                   for s in summaries.values()}, key=str)
+    precision = sorted({str(i["config"]["run"].get("precision", "fp32")) for i in infos})
+    v = library_versions()
+    # Load and concurrent tables while each run trained (recorded per run, so reused runs count too).
+    loads, others = list(sharing.loads), set(sharing.others)
+    layouts = {(at_once, threads)} if threads else set()
+    for label, seed in summaries:
+        f = dir_of(label, seed).with_name(dir_of(label, seed).name + ".load.json")
+        if f.exists():
+            state = json.loads(f.read_text())
+            loads += state["load"]
+            others |= set(state["tables"])
+            layouts.add((state["at_once"], state["threads"]))
+    others = ", ".join(sorted(others - {name})) or "none"
+    layout = " / ".join(f"{a} run(s) at a time, {t} thread(s) per process" for a, t in sorted(layouts))
+    run_s = sum(s["final"]["wall_s"] for s in summaries.values())
+    return [f"- command: `./run.sh reproduce {name}` (this invocation: {elapsed_s / 60:.1f} min; runs reused from "
+            f"earlier invocations keep their own wall times)",
+            f"- wall time of the table: {table_s / 3600:.2f} h (each run's wall "
+            f"time divided by the runs that shared the cores with it; the runs' own wall times sum to "
+            f"{run_s / 3600:.2f} h)",
+            f"- commit(s) of the runs: {', '.join(f'`{c}`' for c in commits)}",
+            "- machine(s) of the runs: " + "; ".join(
+                f"{m} ({n} run(s))" for m, n in sorted(machines.items())),
+            f"- run dates: {min(dates)} to {max(dates)}" + (
+                " (runs restored from results/run_records/ ran in earlier sessions, possibly on another "
+                "machine of the same kind)" if len(set(dates)) > 1 else ""),
+            f"- this invocation's machine: {machine_description()}",
+            f"- cores shared: {layout or 'not recorded'}; other tables running "
+            f"at the same time: {others}; load average (1 min) during the runs: "
+            f"{min(loads):.1f}-{max(loads):.1f} (median {sorted(loads)[len(loads) // 2]:.1f}; 2 cores)",
+            "- data: " + "; ".join(f"{tr:,} training images, evaluated on {ev:,} {split} images"
+                                    for tr, ev, split in data),
+            f"- precision: {', '.join(precision)}",
+            f"- table written: {dt.date.today().isoformat()}",
+            f"- versions: torch {v['torch']}, torchvision {v['torchvision']}, horovod {v['horovod']}, "
+            f"mpi4py {v['mpi4py']}",
+            f"- table spec: `configs/reproduce/{name}.yaml`; configs: "
+            + ", ".join(f"`{r['config']}`" + (f" + `{' '.join(r['overrides'])}`" if r.get("overrides") else "")
+                        for r in spec["rows"]),
+            f"- run directories with TensorBoard logs: `runs/reproduce/{name}/` "
+            f"(`./run.sh tensorboard runs/reproduce/{name}`)"]
