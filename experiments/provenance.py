@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+from pathlib import Path
 
 from swa_lib.run_log import library_versions, machine_description
 
@@ -34,7 +36,8 @@ def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float,
             state = json.loads(f.read_text())
             loads += state["load"]
             others |= set(state["tables"])
-            layouts.add((state["at_once"], state["threads"]))
+            if "at_once" in state:  # load files written before the layout was kept at a run's start lack it
+                layouts.add((state["at_once"], state["threads"]))
     others = ", ".join(sorted(others - {name})) or "none"
     layout = " / ".join(f"{a} run(s) at a time, {t} thread(s) per process" for a, t in sorted(layouts))
     run_s = sum(s["final"]["wall_s"] for s in summaries.values())
@@ -64,3 +67,28 @@ def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float,
                         for r in spec["rows"]),
             f"- run directories with TensorBoard logs: `runs/reproduce/{name}/` "
             f"(`./run.sh tensorboard runs/reproduce/{name}`)"]
+
+
+class Sharing:
+    """What shared the cores while a table ran: other `reproduce` processes and the load average."""
+
+    def __init__(self, name: str):
+        # Machine-wide (outside the checkout), so tables run from other clones or worktrees count too.
+        self.active = Path(os.environ.get("SWA_REPRODUCE_ACTIVE", Path.home() / ".cache/swa_lib/reproduce-active"))
+        self.active.mkdir(parents=True, exist_ok=True)
+        self.mine = self.active / f"{name}.{os.getpid()}"  # name.pid; a dead pid's file is ignored
+        self.mine.write_text(name)
+        self.others: set[str] = set()
+        self.loads: list[float] = []
+        self.sample()
+
+    def sample(self) -> None:
+        self.loads.append(os.getloadavg()[0])
+        self.loads = self.loads[-10000:]
+        for f in self.active.iterdir():
+            pid = int(f.suffix[1:]) if f.suffix[1:].isdigit() else None
+            if f != self.mine and pid and Path(f"/proc/{pid}").exists():
+                self.others.add(f.read_text())
+
+    def close(self) -> None:
+        self.mine.unlink(missing_ok=True)

@@ -34,6 +34,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments import summary as summary_page  # noqa: E402
 from experiments import tables  # noqa: E402
-from experiments.provenance import provenance  # noqa: E402
+from experiments.provenance import Sharing, provenance  # noqa: E402
 from swa_lib.config import ConfigError, load_config, to_dict  # noqa: E402
 from swa_lib.workload import model_names  # noqa: E402
 
@@ -168,28 +169,32 @@ class Job:
         state["tables"] = sorted(set(state["tables"]) | others)
         self.load_file.write_text(json.dumps(state))
 
-    def note_dirty_paths(self) -> None:
-        """Keep the tracked files modified at this (re)start in the run's load file. A run whose commit
-        reads '-dirty' stays reusable if none of them is code (`mismatch`): an edited README or table
-        during a long table must not cost its runs."""
+    def note_start(self, at_once: int) -> None:
+        """Keep, in the run's load file, its layout (runs at a time, threads per process) and the
+        tracked files modified at this (re)start. A run whose commit reads '-dirty' stays reusable if
+        none of them is code (`mismatch`): an edited README or table during a long table must not
+        cost its runs. Written at the start, so a run that ends before its first load sample has both."""
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                              capture_output=True, text=True).stdout
         state = self.load_state()
+        state.update(at_once=at_once, threads=self.threads)
         state["dirty_paths"] = sorted(set(state.get("dirty_paths", [])) | {line[3:] for line in out.splitlines()})
         self.load_file.write_text(json.dumps(state))
 
-    def start(self, threads: int) -> subprocess.Popen:
+    def start(self, threads: int, at_once: int) -> subprocess.Popen:
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.dir.parent / f"{self.dir.name}.log"
         self.threads = threads
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         cmd = launch_command(self.entry, self.processes, self.row["config"], self.dir, self.overrides)
         self.started = time.perf_counter()
-        self.note_dirty_paths()
+        self.note_start(at_once)
         with open(self.log, "a") as fh:
             fh.write(f"\n$ OMP_NUM_THREADS={threads} {' '.join(cmd)}\n")
             fh.flush()
-            return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+            # Its own session: a Ctrl-C in the terminal reaches reproduce only, which forwards it (stop_runs).
+            return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                    start_new_session=True)
 
 
 def all_jobs(spec: dict, name: str) -> list[Job]:
@@ -206,29 +211,27 @@ def move_aside(job: Job, why: str) -> None:
     print(f"reproduce: moved {job.dir.relative_to(ROOT)} aside to {stale.relative_to(ROOT)}: {why}", flush=True)
 
 
-class Sharing:
-    """What shared the cores while a table ran: other `reproduce` processes and the load average."""
-
-    def __init__(self, name: str):
-        # Machine-wide (outside the checkout), so tables run from other clones or worktrees count too.
-        self.active = Path(os.environ.get("SWA_REPRODUCE_ACTIVE", Path.home() / ".cache/swa_lib/reproduce-active"))
-        self.active.mkdir(parents=True, exist_ok=True)
-        self.mine = self.active / f"{name}.{os.getpid()}"  # name.pid; a dead pid's file is ignored
-        self.mine.write_text(name)
-        self.others: set[str] = set()
-        self.loads: list[float] = []
-        self.sample()
-
-    def sample(self) -> None:
-        self.loads.append(os.getloadavg()[0])
-        self.loads = self.loads[-10000:]
-        for f in self.active.iterdir():
-            pid = int(f.suffix[1:]) if f.suffix[1:].isdigit() else None
-            if f != self.mine and pid and Path(f"/proc/{pid}").exists():
-                self.others.add(f.read_text())
-
-    def close(self) -> None:
-        self.mine.unlink(missing_ok=True)
+def stop_runs(running: dict, signum: int, grace_s: float = 300.0) -> None:
+    """Ask each running run to stop at its next step and wait for it: the signal goes to the ranks
+    (mpirun's children), which checkpoint that step and exit 75, not to mpirun itself, which answers
+    SIGTERM or SIGINT by killing its ranks within a second, before they checkpoint (Open MPI 4.1).
+    A run still alive after grace_s is killed; it resumes from its last epoch checkpoint instead."""
+    for proc in running.values():
+        ranks = set()
+        for f in Path(f"/proc/{proc.pid}/task").glob("*/children"):
+            ranks |= {int(pid) for pid in f.read_text().split()}
+        for pid in ranks or {proc.pid}:  # a 1-process run has no mpirun: it is the rank
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    for proc in running.values():
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharing: Sharing) -> tuple[dict, int, int]:
@@ -256,10 +259,19 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} epochs [{elapsed}<{remaining}]")
     running: dict[Job, subprocess.Popen] = {}
     queue = list(todo)
+    stopped: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _: stopped.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     while queue or running:
+        if stopped:
+            stop_runs(running, stopped[0])
+            bar.close()
+            print(f"reproduce: stopped by {signal.Signals(stopped[0]).name}; {len(running)} running run(s) asked to "
+                  f"checkpoint and stop ({', '.join(j.dir.name for j in running) or 'none'}); run the same command "
+                  f"again to resume (exit 75)", file=sys.stderr, flush=True)
+            sys.exit(75)
         while queue and len(running) < at_once:
             job = queue.pop(0)
-            running[job] = job.start(threads)
+            running[job] = job.start(threads, at_once)
             sharing.sample()
         time.sleep(2)
         sharing.sample()
@@ -271,8 +283,7 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
             del running[job]
             sharing.sample()
             if proc.returncode != 0 or not job.finished:
-                for other in running.values():
-                    other.terminate()  # their checkpoints stay; the next invocation resumes them
+                stop_runs(running, signal.SIGTERM)  # they checkpoint; the next invocation resumes them
                 tail = job.log.read_text().splitlines()[-15:]
                 sys.exit(f"reproduce: run {job.dir.name} failed (exit {proc.returncode}); last lines of "
                          f"{job.log}:\n" + "\n".join(tail))
@@ -280,6 +291,8 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
             bar.update(job.cost)
             bar.set_description(f"reproduce {name} ({len(queue) + len(running)} runs left)")
     bar.close()
+    for s, handler in previous.items():
+        signal.signal(s, handler)
     return {(j.label, j.seed): json.loads((j.dir / "summary.json").read_text()) for j in jobs}, at_once, threads
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 import sys
 
 import pytest
@@ -131,10 +132,13 @@ def test_a_run_is_reused_only_with_the_same_config_and_code(tmp_path, monkeypatc
     assert job.mismatch() is None
     job.load_file.unlink()
     monkeypatch.chdir(tmp_path)
-    job.note_dirty_paths()  # what `start` keeps: the checkout's modified tracked files, whatever the cwd
-    assert set(json.loads(job.load_file.read_text())["dirty_paths"]) == {
+    job.threads = 1
+    job.note_start(at_once=2)  # what `start` keeps: the checkout's modified tracked files, whatever the cwd
+    state = json.loads(job.load_file.read_text())
+    assert set(state["dirty_paths"]) == {
         line[3:] for line in subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
                                             capture_output=True, text=True).stdout.splitlines()}
+    assert (state["at_once"], state["threads"]) == (2, 1)  # the layout, before any load sample
     job.load_file.unlink()
     record(to_dict(job.config), "unknown")
     assert job.mismatch() == "it ran from an unknown tree"
@@ -218,6 +222,32 @@ def test_a_run_that_finished_without_its_record_gets_one_at_the_next_invocation(
         sharing.close()
     assert len(summaries) == len(jobs)
     assert all((tmp_path / "records" / "smoke" / j.dir.name / "summary.json").exists() for j in jobs)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_stopped_reproduce_lets_its_runs_checkpoint(tmp_path, processes):
+    """stop_runs sends the signal to the ranks, not to mpirun (which kills its ranks within a second
+    of a SIGTERM): each rank gets the time to finish its step and checkpoint, then exits 75."""
+    import signal
+
+    rank = tmp_path / "rank.py"
+    rank.write_text("import os, signal, sys, time\n"
+                    "got = []\n"
+                    "signal.signal(signal.SIGTERM, lambda s, f: got.append(s))\n"
+                    f"open(r'{tmp_path}/ready.' + str(os.getpid()), 'w').close()\n"
+                    "while not got: time.sleep(0.05)\n"
+                    "time.sleep(2)  # a step and a checkpoint\n"
+                    f"open(r'{tmp_path}/checkpointed.' + str(os.getpid()), 'w').close()\n"
+                    "sys.exit(75)\n")
+    cmd = reproduce.launch_command(str(rank), processes, "c.yaml", tmp_path, [])[:-4]  # no --config/--run-dir
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("ready.*"))) < processes and time.monotonic() < deadline:
+        time.sleep(0.1)
+    reproduce.stop_runs({"job": proc}, signal.SIGTERM, grace_s=60)
+    assert proc.returncode == 75
+    assert len(list(tmp_path.glob("checkpointed.*"))) == processes
 
 
 @pytest.mark.timeout(600)
