@@ -147,8 +147,10 @@ def write(args, started, t0, table: Table, load: list[str], loads: list, final: 
         "",
         f"- Command: `{command}` ({args.parallel} scenarios at once; {minutes:.0f} min)",
         f"- Machine: {machine_description()}; 1-min load average between {min(x[0] for x in loads):.1f} and "
-        f"{max(x[0] for x in loads):.1f} during the run, {loads[-1][0]:.1f} at the end (the cores are shared with "
-        "other jobs, so times are under load)",
+        f"{max(x[0] for x in loads):.1f} during the run, {loads[-1][0]:.1f} at the end; "
+        + (f"{loads[0][0]:.1f} at the start: other jobs shared the cores, so times are under their load"
+           if loads[0][0] >= 1.0 else f"{loads[0][0]:.1f} at the start: no other job held the cores; the load "
+           "during the run is mostly the scenarios' own ranks"),
         f"- Commit: {COMMIT[0]} (at the start of the run)",
         f"- Date: {started.isoformat(timespec='seconds')}",
         "",
