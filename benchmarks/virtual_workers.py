@@ -175,9 +175,10 @@ def report(rows: list[dict], args, threads: int, load_before, load_after, wall_s
         f"- Date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
         f"- Machine: {machine_description()}; `nproc` = {len(os.sched_getaffinity(0))}",
         f"- Load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}; after: "
-        f"{' '.join(f'{x:.2f}' for x in load_after)}. The machine was shared: another job (a reproduction "
-        f"table) held the cores and this ran under `nice -n 19`, so the absolute numbers are depressed and "
-        f"noisy; the ratios, measured side by side in one run, are what this table is for.",
+        f"{' '.join(f'{x:.2f}' for x in load_after)}. " + (
+            "Other jobs shared the cores, so the absolute numbers are depressed and noisy; the ratios, measured "
+            "side by side in one run, are what this table is for." if load_before[0] >= 1.0 else
+            "No other job held the cores when it began (the load during the run is its own)."),
         f"- Threads: in-process runs use torch {threads} thread(s); each of the K processes uses "
         f"max(1, {threads} // K) (torch.set_num_threads); the K processes are ranks of one mpirun job started "
         f"once (idle ranks sleep); its start-up is not timed",
