@@ -54,14 +54,19 @@ def claim_rows(root: Path, spec_names: list[str]) -> tuple[list[str], float, lis
     for name in spec_names:
         spec = yaml.safe_load((root / "configs" / "reproduce" / f"{name}.yaml").read_text())
         numbers_path = (root / spec["output"]).with_suffix(".json")
+        runs = sum(len(row.get("seeds", spec["seeds"])) for row in spec["rows"])
+        records = root / "results" / "run_records" / name
+        done = sum(1 for p in records.glob("*/summary.json")) if records.is_dir() else 0
+        recorded = f"{done} of its {runs} runs recorded in {records.relative_to(root)}/; " if done else ""
         if not numbers_path.exists():
-            runs = len(spec["rows"]) * len(spec["seeds"])
-            records = root / "results" / "run_records" / name
-            done = sum(1 for p in records.glob("*/summary.json")) if records.is_dir() else 0
-            recorded = f"{done} of its {runs} runs recorded in {records.relative_to(root)}/; " if done else ""
             missing.append(f"`{name}` (no {numbers_path.relative_to(root)}: {recorded}run `./run.sh reproduce {name}`)")
             continue
         numbers = json.loads(numbers_path.read_text())
+        pending = [c["claim"] for c in spec.get("claims", []) if c["claim"] not in
+                   {m["claim"] for m in numbers.get("claims", [])}]
+        if pending:  # rows added to the spec after its table was written
+            missing.append(f"`{name}`'s claim(s) {'; '.join(repr(c) for c in pending)} (not yet in "
+                           f"{numbers_path.relative_to(root)}: {recorded}run `./run.sh reproduce {name}`)")
         total_s += table_seconds(numbers)
         link = Path(spec["output"]).name
         names_of = {c["claim"]: c.get("names") for c in spec.get("claims", [])}
@@ -100,7 +105,7 @@ def write(root: Path, spec_names: list[str]) -> Path:
              "tables of each run's wall time divided by the runs that shared the cores with it, which counts runs "
              "that earlier invocations trained; each table gives its own and says what shared the cores)."]
     if missing:
-        lines += ["", "Tables not yet produced: " + "; ".join(missing) + "."]
+        lines += ["", "Not yet produced: " + "; ".join(missing) + "."]
     out = root / "results" / "README.md"
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -69,7 +69,8 @@ def test_summary_page_names_both_sides_and_counts_the_recorded_runs_of_an_unfini
     claim = {"claim": "X beats its own start", "paper": "p", "paper_status": "verified",
              "difference": ["X", "X@start/acc"], "expect": "positive"}
     (specs / "done.yaml").write_text(yaml.safe_dump({"output": "results/done.md", "rows": [{"label": "X"}],
-                                                     "seeds": [0, 1], "claims": [{**claim, "names": ["X", "start"]}]}))
+                                                     "seeds": [0, 1], "claims": [{**claim, "names": ["X", "start"]},
+                                                                                 {**claim, "claim": "Y (added later)"}]}))
     (specs / "half.yaml").write_text(yaml.safe_dump({"output": "results/half.md", "seeds": [0, 1, 2],
                                                      "rows": [{"label": "A"}, {"label": "B"}]}))
     (tmp_path / "results").mkdir()
@@ -83,6 +84,7 @@ def test_summary_page_names_both_sides_and_counts_the_recorded_runs_of_an_unfini
     assert "X: 80.50 ± 0.71; start: 80.30 ± 1.13" in row and "(+0.50, -0.10)" in row and "**partly**" in row, row
     assert "2.0 h of wall time" in page
     assert "`half` (no results/half.json: 3 of its 6 runs recorded in results/run_records/half/" in page, page
+    assert "`done`'s claim(s) 'Y (added later)' (not yet in results/done.json: run `./run.sh reproduce done`)" in page
 
 
 def test_table_time_counts_reused_runs_divided_by_the_runs_that_shared_the_cores(tmp_path, monkeypatch):
