@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import sys
+import time
 
 import pytest
 import yaml
@@ -68,9 +68,9 @@ def test_summary_page_names_both_sides_and_counts_the_recorded_runs_of_an_unfini
     specs.mkdir(parents=True)
     claim = {"claim": "X beats its own start", "paper": "p", "paper_status": "verified",
              "difference": ["X", "X@start/acc"], "expect": "positive"}
+    claims = [{**claim, "names": ["X", "start"]}, {**claim, "claim": "Y (added later)"}]
     (specs / "done.yaml").write_text(yaml.safe_dump({"output": "results/done.md", "rows": [{"label": "X"}],
-                                                     "seeds": [0, 1], "claims": [{**claim, "names": ["X", "start"]},
-                                                                                 {**claim, "claim": "Y (added later)"}]}))
+                                                     "seeds": [0, 1], "claims": claims}))
     (specs / "half.yaml").write_text(yaml.safe_dump({"output": "results/half.md", "seeds": [0, 1, 2],
                                                      "rows": [{"label": "A"}, {"label": "B"}]}))
     (tmp_path / "results").mkdir()
