@@ -208,6 +208,7 @@ def main() -> None:
         return rank_worker(args)
     if args.quick:
         args.widths, args.ks, args.steps = [16], [2, 4], 2
+    load_before = os.getloadavg()  # before the K ranks start: what else held the cores
     device = torch.device(args.device)
     with_processes = device.type == "cpu" and shutil.which("mpirun") is not None
     pool = ProcessPool(args.ks, args) if with_processes else None
@@ -215,7 +216,7 @@ def main() -> None:
         print("processes column skipped: " + ("K NCCL ranks cannot share one GPU" if device.type == "cuda"
                                               else "no mpirun on PATH"), flush=True)
     torch.set_num_threads(args.threads)
-    load_before, start, rows = os.getloadavg(), time.perf_counter(), []
+    start, rows = time.perf_counter(), []
     for width in args.widths:
         for k in args.ks:
             images = k * args.batch * args.steps
