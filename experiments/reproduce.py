@@ -11,9 +11,11 @@ processes per run, paired differences and the claims it tests (experiments/table
 
 Runs live in runs/reproduce/<name>/<label>-s<seed>/ and are kept between invocations:
 - a finished run is reused when its resolved config equals the one the spec asks for and
-  the code it ran (its commit) does not differ from HEAD in swa_lib/, models/, data/, the
-  entry point or the config file; otherwise it is moved aside to runs/reproduce/<name>/.stale/
-  (never deleted) and run again, and the move is printed;
+  the code it ran (its commit) does not differ from HEAD in swa_lib/, models/, data/ or the
+  entry point, except by commits declared result-neutral in experiments/result_neutral.yaml
+  (each with the reason and the check behind it; the table's provenance lists those it relied
+  on); otherwise it is moved aside to runs/reproduce/<name>/.stale/ (never deleted) and run
+  again, and the move is printed;
 - an unfinished run (killed, preempted) continues from its latest checkpoint, under the same
   two conditions; so a killed `reproduce` resumes where it stopped.
 Across machines: each finished run also leaves a record in results/run_records/<name>/<run>/
@@ -56,6 +58,25 @@ SPECS = ROOT / "configs" / "reproduce"
 RUNS = ROOT / "runs" / "reproduce"
 RECORDS = ROOT / "results" / "run_records"
 CODE_PATHS = ("swa_lib", "models", "data")
+NEUTRAL = ROOT / "experiments" / "result_neutral.yaml"
+
+
+def result_neutral() -> dict[str, str]:
+    """{full commit hash: why} of the commits declared not to change what any run computes
+    (experiments/result_neutral.yaml): a run from before them stays reusable across them."""
+    entries = yaml.safe_load(NEUTRAL.read_text()) if NEUTRAL.exists() else None
+    return {str(e["commit"]): str(e["why"]) for e in (entries or {}).get("commits") or []}
+
+
+def code_changes_since(commit: str, paths: list[str]) -> list[str] | None:
+    """The commits between `commit` and HEAD that touch `paths`, oldest first; None when `commit`
+    is not an ancestor of HEAD (another branch, or unknown here): then only a plain diff can tell."""
+    if subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=ROOT,
+                      capture_output=True).returncode != 0:
+        return None
+    out = subprocess.run(["git", "rev-list", "--reverse", "--full-history", f"{commit}..HEAD", "--", *paths],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return out.split()
 
 
 def launch_command(entry: str, processes: int, config: str, run_dir: Path, overrides: list[str]) -> list[str]:
@@ -120,7 +141,15 @@ class Job:
             return "it ran from an unknown tree"
         same = subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", *paths], cwd=ROOT,
                               capture_output=True).returncode == 0
-        return None if same else f"the code changed since its commit {commit[:10]} ({', '.join(paths)})"
+        if same:
+            return None
+        undeclared = code_changes_since(commit, paths)
+        if undeclared is None:
+            return f"the code changed since its commit {commit[:10]} ({', '.join(paths)})"
+        undeclared = [c for c in undeclared if c not in result_neutral()]
+        return None if not undeclared else (
+            f"the code changed since its commit {commit[:10]} ({', '.join(paths)}) in "
+            f"{', '.join(c[:10] for c in undeclared)}, not declared result-neutral in {NEUTRAL.relative_to(ROOT)}")
 
     def save_record(self) -> None:
         """Copy what a finished run's table, figures and TensorBoard need into its record.
@@ -309,6 +338,22 @@ def table_wall_s(name: str, summaries: dict, at_once: int) -> float:
     return total
 
 
+def neutral_lines(spec: dict, name: str, summaries: dict) -> list[str]:
+    """A provenance line naming the result-neutral commits that the table's runs were reused across."""
+    paths = [*CODE_PATHS, *sorted({row.get("entry", spec.get("entry")) for row in spec["rows"]})]
+    commits = {json.loads((RUNS / name / run_dir_name(label, seed) / "run_info.json").read_text())["git_commit"]
+               .removesuffix("-dirty") for label, seed in summaries}
+    declared, used = result_neutral(), []
+    for commit in sorted(commits - {"unknown"}):
+        for c in code_changes_since(commit, paths) or []:
+            if c in declared and c not in used:
+                used.append(c)
+    if not used:
+        return []
+    return ["- code changed since some runs' commits only in commits declared result-neutral "
+            f"(`{NEUTRAL.relative_to(ROOT)}`): " + "; ".join(f"`{c[:10]}` ({declared[c]})" for c in used)]
+
+
 def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
     """Call each `plots:` entry ("module:function"); see experiments/swap_plots.py for the contract."""
     import importlib
@@ -353,6 +398,7 @@ def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = Fals
     table_s = table_wall_s(name, summaries, at_once)
     lines = provenance(spec, name, lambda label, seed: RUNS / name / run_dir_name(label, seed), summaries, elapsed,
                        at_once, threads, sharing, table_s)
+    lines[3:3] = neutral_lines(spec, name, summaries)
     markdown, numbers = tables.render(spec, summaries, lines, make_plots(spec, name, summaries))
     numbers.update(spec=name, output=spec["output"], elapsed_s=elapsed,
                    run_wall_s=sum(s["final"]["wall_s"] for s in summaries.values()),

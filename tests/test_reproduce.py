@@ -148,6 +148,60 @@ def test_a_run_is_reused_only_with_the_same_config_and_code(tmp_path, monkeypatc
     assert "the code changed since its commit" in job.mismatch()
 
 
+def test_reuse_survives_only_commits_declared_result_neutral(tmp_path, monkeypatch):
+    """A run stays reusable across a code change only if every commit since its own that touches
+    code is declared in result_neutral.yaml, and only along HEAD's history; the table says which."""
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    job = reproduce.Job(spec, "smoke", spec["rows"][0], 0)  # its config loads from the real checkout
+    repo = tmp_path / "repo"
+    (repo / "swa_lib").mkdir(parents=True)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    def commit(path: str, text: str) -> str:
+        (repo / path).write_text(text)
+        git("add", "-A")
+        git("commit", "-qm", path)
+        return git("rev-parse", "HEAD")
+
+    def declare(*commits: str) -> None:
+        (repo / "experiments").mkdir(exist_ok=True)
+        (repo / "experiments" / "result_neutral.yaml").write_text(yaml.safe_dump(
+            {"commits": [{"commit": c, "why": f"why {c[:4]}"} for c in commits]}))
+
+    git("init", "-q")
+    base = commit("swa_lib/loop.py", "a = 1\n")
+    message = commit("swa_lib/errors.py", "msg = 'a clearer message'\n")
+    commit("README.md", "not code\n")
+    monkeypatch.setattr(reproduce, "ROOT", repo)
+    monkeypatch.setattr(reproduce, "NEUTRAL", repo / "experiments" / "result_neutral.yaml")
+    job.dir.mkdir(parents=True)
+    (job.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(job.config), sort_keys=False))
+    (job.dir / "run_info.json").write_text(json.dumps({"git_commit": base}))
+    summaries = {(job.label, 0): {}}
+
+    assert job.mismatch() == (f"the code changed since its commit {base[:10]} (swa_lib, models, data, "
+                              f"{job.entry}) in {message[:10]}, not declared result-neutral in "
+                              "experiments/result_neutral.yaml")
+    assert reproduce.neutral_lines(spec, "smoke", summaries) == []
+    declare(message)
+    assert job.mismatch() is None
+    line, = reproduce.neutral_lines(spec, "smoke", summaries)
+    assert f"`{message[:10]}` (why {message[:4]})" in line
+    real = commit("swa_lib/loop.py", "a = 2\n")  # an undeclared change after a declared one
+    assert job.mismatch().endswith(f"in {real[:10]}, not declared result-neutral in experiments/result_neutral.yaml")
+    git("checkout", "-q", "-b", "side", base)  # a run from another branch: only the plain diff can tell
+    side = commit("swa_lib/loop.py", "a = 3\n")
+    git("checkout", "-q", "-")
+    declare(message, real, side)
+    assert job.mismatch() is None  # every commit since `base` on HEAD's history is declared
+    (job.dir / "run_info.json").write_text(json.dumps({"git_commit": side}))
+    assert job.mismatch() == f"the code changed since its commit {side[:10]} (swa_lib, models, data, {job.entry})"
+
+
 def test_jobs_go_seed_by_seed():
     spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
     order = [(j.seed, j.label) for j in reproduce.all_jobs(spec, "smoke")]
