@@ -89,14 +89,22 @@ def load_config(path: str | Path | None, overrides: list[str] = (), default_meth
         amp = run_raw.pop("amp")
         problems.append(f"run.amp: replaced by run.precision (fp32 | bf16, default fp32); write "
                         f"run.precision: {'bf16' if amp else 'fp32'} instead of run.amp: {amp}")
-    method_raw = dict(raw.pop("method", None) or {})
+    method_raw = raw.pop("method", None)
+    if method_raw is not None and not isinstance(method_raw, dict):
+        problems.append(f"method: expected a mapping such as {{name: sgd}}, got {method_raw!r} "
+                        f"(on the command line the method is chosen with method.name=...)")
+        method_raw = None
+    method_raw = dict(method_raw or {})
     method_name = method_raw.pop("name", default_method)
     cfg = from_dict(Config, raw, "", problems)
-    try:
-        method_cls = method_config_class(method_name)
-        cfg.method = from_dict(method_cls, method_raw, "method", problems)
-    except KeyError as err:
-        problems.append(f"method.name: {err.args[0]}")
+    if not isinstance(method_name, str):
+        problems.append(f"method.name: expected a method's name, got {method_name!r}")
+    else:
+        try:
+            method_cls = method_config_class(method_name)
+            cfg.method = from_dict(method_cls, method_raw, "method", problems)
+        except KeyError as err:
+            problems.append(f"method.name: {err.args[0]}")
     try:
         validate(cfg, model_names)
     except ConfigError as err:

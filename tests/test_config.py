@@ -47,6 +47,10 @@ def test_yaml11_exponent_without_dot_is_a_float(tmp_path):
     ("optim.momentum=1.5", "optim.momentum", "[0, 1)"),
     ("schedule.warmup_epochs=20", "schedule.warmup_epochs", "below schedule.epochs"),
     ("method.name=nonsense", "method.name", "not a known method"),
+    ("method=sgd", "method", "method.name=..."),  # a scalar for a section: named, not a traceback
+    ("method=[1]", "method", "expected a mapping"),
+    ("method.name=[1]", "method.name", "expected a method's name"),
+    ("optim=3", "optim", "expected a mapping"),
     ("dist.backend=carrier_pigeon", "dist.backend", "is not one of"),
 ])
 def test_each_bad_field_is_named(override, field, words):
