@@ -351,7 +351,8 @@ def neutral_lines(spec: dict, name: str, summaries: dict) -> list[str]:
     if not used:
         return []
     return ["- code changed since some runs' commits only in commits declared result-neutral "
-            f"(`{NEUTRAL.relative_to(ROOT)}`): " + "; ".join(f"`{c[:10]}` ({declared[c]})" for c in used)]
+            f"(`{NEUTRAL.relative_to(ROOT)}`, which gives each one's reason and check): "
+            + "; ".join(f"`{c[:10]}` ({declared[c].split('. ')[0].rstrip('.')})" for c in used)]
 
 
 def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
