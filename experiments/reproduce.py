@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from experiments import summary as summary_page  # noqa: E402
 from experiments import tables  # noqa: E402
 from experiments.provenance import Sharing, provenance  # noqa: E402
-from swa_lib.config import ConfigError, load_config, to_dict  # noqa: E402
+from swa_lib.config import IDENTITY_NEUTRAL, ConfigError, flatten, load_config, to_dict  # noqa: E402
 from swa_lib.workload import model_names  # noqa: E402
 
 SPECS = ROOT / "configs" / "reproduce"
@@ -121,12 +121,14 @@ class Job:
             commit = json.loads((self.dir / "run_info.json").read_text())["git_commit"]
         except (OSError, ValueError, KeyError):
             return "it has no readable config.yaml / run_info.json"
-        want = json.loads(json.dumps(to_dict(self.config)))  # tuples -> lists, as YAML stores them
+        # Compared as run identities: where the data or the files live (IDENTITY_NEUTRAL) is not
+        # what a run computes, so a record stays reusable on a machine with another data cache.
+        had = {k: v for k, v in flatten(had or {}).items() if k not in IDENTITY_NEUTRAL}
+        want = {k: v for k, v in flatten(json.loads(json.dumps(to_dict(self.config)))).items()  # tuples -> lists
+                if k not in IDENTITY_NEUTRAL}
         differing = sorted(k for k in set(had) | set(want) if had.get(k) != want.get(k))
         if differing:
-            keys = [f"{s}.{k}" for s in differing for k in sorted(set(had.get(s) or {}) | set(want.get(s) or {}))
-                    if (had.get(s) or {}).get(k) != (want.get(s) or {}).get(k)]
-            return f"its config differs in {', '.join(keys) or ', '.join(differing)}"
+            return f"its config differs in {', '.join(differing)}"
         # The row's config file is not among the paths: the resolved config compared above is the
         # exact test, and a comment in the file (how a value was chosen) does not change a run.
         paths = [*CODE_PATHS, self.entry]

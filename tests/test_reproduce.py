@@ -124,6 +124,10 @@ def test_a_run_is_reused_only_with_the_same_config_and_code(tmp_path, monkeypatc
     changed["optim"]["lr"] = 0.5
     record(changed, head)
     assert job.mismatch() == "its config differs in optim.lr"
+    moved = to_dict(job.config)
+    moved["data"].update(root="/elsewhere", cache_dir="/another/cache")  # where files live, not what runs
+    record(moved, head)
+    assert job.mismatch() is None
     record(to_dict(job.config), head + "-dirty")
     assert "which files, not recorded" in job.mismatch()  # a run from before dirty paths were kept
     job.load_file.write_text(json.dumps({"load": [], "tables": [], "dirty_paths": ["README.md", "results/x.md"]}))
