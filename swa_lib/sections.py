@@ -18,7 +18,7 @@ from typing import Any
 class DataConfig:
     dataset: str = "cifar10_jpg"  # cifar10 | cifar10_jpg | cifar100 | tiny_imagenet | imagenet
     root: str = "../shared/data"  # relative paths are taken from the repo root; env SWA_DATA_ROOT wins
-    cache_dir: str = "~/.cache/swa_lib/data"  # decoded uint8 arrays live here, not in the repo
+    cache_dir: str | None = None  # decoded uint8 arrays live here; None: env SWA_DATA_CACHE, else ~/.cache/swa_lib/data
     train_subset: int | None = None  # keep this many training images (class-balanced); None = all
     test_subset: int | None = None  # same for the test split
     # Hold out this many training images (class-balanced, fixed draw) and evaluate on them

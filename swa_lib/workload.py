@@ -86,7 +86,8 @@ class Workload:
         self._loaders: dict = {}
         self.dataset = resolve_dataset(d.dataset, self.root)  # what is loaded (see resolve_dataset)
         if d.dataset in IN_MEMORY:
-            kw = dict(root=self.root, cache_dir=Path(d.cache_dir).expanduser(), num_classes=d.num_classes)
+            cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else None  # None: env, else the default
+            kw = dict(root=self.root, cache_dir=cache_dir, num_classes=d.num_classes)
             self.train_set = datasets.load_dataset(self.dataset, split="train", subset=d.train_subset, **kw)
             if d.val_split:  # tuning: train on the rest, "test" metrics are on the held-out images
                 self.train_set, self.test_set = datasets.holdout_split(self.train_set, d.val_split)
