@@ -49,35 +49,15 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from experiments import reuse, tables  # noqa: E402
 from experiments import summary as summary_page  # noqa: E402
-from experiments import tables  # noqa: E402
 from experiments.provenance import Sharing, provenance  # noqa: E402
-from swa_lib.config import IDENTITY_NEUTRAL, ConfigError, flatten, load_config, to_dict  # noqa: E402
+from swa_lib.config import ConfigError, load_config  # noqa: E402
 from swa_lib.workload import model_names  # noqa: E402
 
 SPECS = ROOT / "configs" / "reproduce"
 RUNS = ROOT / "runs" / "reproduce"
 RECORDS = ROOT / "results" / "run_records"
-CODE_PATHS = ("swa_lib", "models", "data")
-NEUTRAL = ROOT / "experiments" / "result_neutral.yaml"
-
-
-def result_neutral() -> dict[str, str]:
-    """{full commit hash: why} of the commits declared not to change what any run computes
-    (experiments/result_neutral.yaml): a run from before them stays reusable across them."""
-    entries = yaml.safe_load(NEUTRAL.read_text()) if NEUTRAL.exists() else None
-    return {str(e["commit"]): str(e["why"]) for e in (entries or {}).get("commits") or []}
-
-
-def code_changes_since(commit: str, paths: list[str]) -> list[str] | None:
-    """The commits between `commit` and HEAD that touch `paths`, oldest first; None when `commit`
-    is not an ancestor of HEAD (another branch, or unknown here): then only a plain diff can tell."""
-    if subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=ROOT,
-                      capture_output=True).returncode != 0:
-        return None
-    out = subprocess.run(["git", "rev-list", "--reverse", "--full-history", f"{commit}..HEAD", "--", *paths],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return out.split()
 
 
 def launch_command(entry: str, processes: int, config: str, run_dir: Path, overrides: list[str]) -> list[str]:
@@ -116,43 +96,14 @@ class Job:
         return (self.dir / "summary.json").exists()
 
     def mismatch(self) -> str | None:
-        """Why the run directory cannot be reused or resumed, or None if it can."""
+        """Why the run directory cannot be reused or resumed, or None if it can (experiments/reuse.py)."""
         try:
             had = yaml.safe_load((self.dir / "config.yaml").read_text())
             commit = json.loads((self.dir / "run_info.json").read_text())["git_commit"]
         except (OSError, ValueError, KeyError):
             return "it has no readable config.yaml / run_info.json"
-        # Compared as run identities: where the data or the files live (IDENTITY_NEUTRAL) is not
-        # what a run computes, so a record stays reusable on a machine with another data cache.
-        had = {k: v for k, v in flatten(had or {}).items() if k not in IDENTITY_NEUTRAL}
-        want = {k: v for k, v in flatten(json.loads(json.dumps(to_dict(self.config)))).items()  # tuples -> lists
-                if k not in IDENTITY_NEUTRAL}
-        differing = sorted(k for k in set(had) | set(want) if had.get(k) != want.get(k))
-        if differing:
-            return f"its config differs in {', '.join(differing)}"
-        # The row's config file is not among the paths: the resolved config compared above is the
-        # exact test, and a comment in the file (how a value was chosen) does not change a run.
-        paths = [*CODE_PATHS, self.entry]
-        if commit.endswith("-dirty"):
-            dirty = self.load_state().get("dirty_paths")
-            code = [d for d in dirty or [] if any(d == p or d.startswith(p.rstrip("/") + "/") for p in paths)]
-            if dirty is None or code:
-                return (f"it ran from a modified tree ({commit}"
-                        + (f"; modified code: {', '.join(code)})" if code else "; which files, not recorded)"))
-            commit = commit.removesuffix("-dirty")  # only files that are not code were modified
-        if commit == "unknown":
-            return "it ran from an unknown tree"
-        same = subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", *paths], cwd=ROOT,
-                              capture_output=True).returncode == 0
-        if same:
-            return None
-        undeclared = code_changes_since(commit, paths)
-        if undeclared is None:
-            return f"the code changed since its commit {commit[:10]} ({', '.join(paths)})"
-        undeclared = [c for c in undeclared if c not in result_neutral()]
-        return None if not undeclared else (
-            f"the code changed since its commit {commit[:10]} ({', '.join(paths)}) in "
-            f"{', '.join(c[:10] for c in undeclared)}, not declared result-neutral in {NEUTRAL.relative_to(ROOT)}")
+        return (reuse.config_mismatch(had, self.config)
+                or reuse.code_mismatch(commit, self.entry, self.load_state().get("dirty_paths")))
 
     def save_record(self) -> None:
         """Copy what a finished run's table, figures and TensorBoard need into its record.
@@ -341,23 +292,6 @@ def table_wall_s(name: str, summaries: dict, at_once: int) -> float:
     return total
 
 
-def neutral_lines(spec: dict, name: str, summaries: dict) -> list[str]:
-    """A provenance line naming the result-neutral commits that the table's runs were reused across."""
-    paths = [*CODE_PATHS, *sorted({row.get("entry", spec.get("entry")) for row in spec["rows"]})]
-    commits = {json.loads((RUNS / name / run_dir_name(label, seed) / "run_info.json").read_text())["git_commit"]
-               .removesuffix("-dirty") for label, seed in summaries}
-    declared, used = result_neutral(), []
-    for commit in sorted(commits - {"unknown"}):
-        for c in code_changes_since(commit, paths) or []:
-            if c in declared and c not in used:
-                used.append(c)
-    if not used:
-        return []
-    return ["- code changed since some runs' commits only in commits declared result-neutral "
-            f"(`{NEUTRAL.relative_to(ROOT)}`, which gives each one's reason and check): "
-            + "; ".join(f"`{c[:10]}` ({declared[c].split('. ')[0].rstrip('.')})" for c in used)]
-
-
 def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
     """Call each `plots:` entry ("module:function"); see experiments/swap_plots.py for the contract."""
     import importlib
@@ -402,7 +336,9 @@ def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = Fals
     table_s = table_wall_s(name, summaries, at_once)
     lines = provenance(spec, name, lambda label, seed: RUNS / name / run_dir_name(label, seed), summaries, elapsed,
                        at_once, threads, sharing, table_s)
-    lines[3:3] = neutral_lines(spec, name, summaries)
+    commits = {json.loads((RUNS / name / run_dir_name(*key) / "run_info.json").read_text())["git_commit"]
+               for key in summaries}
+    lines[3:3] = reuse.neutral_lines(commits, {row.get("entry", spec["entry"]) for row in spec["rows"]})
     markdown, numbers = tables.render(spec, summaries, lines, make_plots(spec, name, summaries))
     numbers.update(spec=name, output=spec["output"], elapsed_s=elapsed,
                    run_wall_s=sum(s["final"]["wall_s"] for s in summaries.values()),

@@ -281,27 +281,6 @@ def test_tiny_imagenet_from_an_extracted_folder(tmp_path, cache_dir, layout):
         assert ds.class_names == ("n01", "n02")
 
 
-def test_a_training_config_caches_where_it_says_else_where_SWA_DATA_CACHE_says(tmp_path, monkeypatch):
-    """data.cache_dir unset: the decoded arrays go to $SWA_DATA_CACHE (as for load_dataset); set: there."""
-    from swa_lib.config import load_config
-    from swa_lib.workload import Workload
-
-    rng = np.random.default_rng(0)
-    for wnid in ("n01", "n02"):
-        for split in ("train", "val"):
-            folder = tmp_path / "data" / "tiny-imagenet" / split / wnid
-            folder.mkdir(parents=True)
-            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{wnid}_0.JPEG")
-    monkeypatch.delenv("SWA_DATA_ROOT", raising=False)
-    monkeypatch.setenv("SWA_DATA_CACHE", str(tmp_path / "env_cache"))
-    base = ["data.dataset=tiny_imagenet", f"data.root={tmp_path / 'data'}", "data.image_size=32"]
-    assert load_config(None, base).data.cache_dir is None
-    Workload(load_config(None, base), torch.device("cpu"))
-    assert len(list((tmp_path / "env_cache").glob("tiny_imagenet-*.npz"))) == 2  # train and test
-    Workload(load_config(None, [*base, f"data.cache_dir={tmp_path / 'config_cache'}"]), torch.device("cpu"))
-    assert len(list((tmp_path / "config_cache").glob("tiny_imagenet-*.npz"))) == 2
-
-
 # ---------------------------------------------------------------- full-size ImageNet folders
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,15 @@ CIFAR-10 python files under SWA_DATA_ROOT, and say so; with neither, the message
 The official files here are written by the test in torchvision's pickle format from real
 CIFAR-10 images (the JPEG copy's first images of each class); no machine here can download
 the originals, so the SWA_DATA_DOWNLOAD=1 path (torchvision's download) is not exercised.
+Also where a training run caches decoded images (data.cache_dir, else SWA_DATA_CACHE).
 """
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 import data
 from test_data import write_fake_cifar
@@ -55,3 +58,24 @@ def test_neither_copy_stops_with_a_message_naming_both_places_and_the_consent_fl
                   str(empty / "cifar-10-batches-py"), "SWA_DATA_ROOT", "SWA_DATA_DOWNLOAD=1"):
         assert words in proc.stderr, (words, proc.stderr[-3000:])
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_training_config_caches_where_it_says_else_where_SWA_DATA_CACHE_says(tmp_path, monkeypatch):
+    """data.cache_dir unset: the decoded arrays go to $SWA_DATA_CACHE (as for load_dataset); set: there."""
+    from swa_lib.config import load_config
+    from swa_lib.workload import Workload
+
+    rng = np.random.default_rng(0)
+    for wnid in ("n01", "n02"):
+        for split in ("train", "val"):
+            folder = tmp_path / "data" / "tiny-imagenet" / split / wnid
+            folder.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{wnid}_0.JPEG")
+    monkeypatch.delenv("SWA_DATA_ROOT", raising=False)
+    monkeypatch.setenv("SWA_DATA_CACHE", str(tmp_path / "env_cache"))
+    base = ["data.dataset=tiny_imagenet", f"data.root={tmp_path / 'data'}", "data.image_size=32"]
+    assert load_config(None, base).data.cache_dir is None
+    Workload(load_config(None, base), torch.device("cpu"))
+    assert len(list((tmp_path / "env_cache").glob("tiny_imagenet-*.npz"))) == 2  # train and test
+    Workload(load_config(None, [*base, f"data.cache_dir={tmp_path / 'config_cache'}"]), torch.device("cpu"))
+    assert len(list((tmp_path / "config_cache").glob("tiny_imagenet-*.npz"))) == 2

@@ -13,7 +13,7 @@ import yaml
 from mpi_util import PYTHON, REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
-from experiments import reproduce, summary, tables  # noqa: E402
+from experiments import reproduce, reuse, summary, tables  # noqa: E402
 from swa_lib.config import to_dict  # noqa: E402
 
 
@@ -180,20 +180,20 @@ def test_reuse_survives_only_commits_declared_result_neutral(tmp_path, monkeypat
     base = commit("swa_lib/loop.py", "a = 1\n")
     message = commit("swa_lib/errors.py", "msg = 'a clearer message'\n")
     commit("README.md", "not code\n")
-    monkeypatch.setattr(reproduce, "ROOT", repo)
-    monkeypatch.setattr(reproduce, "NEUTRAL", repo / "experiments" / "result_neutral.yaml")
+    monkeypatch.setattr(reuse, "ROOT", repo)
+    monkeypatch.setattr(reuse, "NEUTRAL", repo / "experiments" / "result_neutral.yaml")
     job.dir.mkdir(parents=True)
     (job.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(job.config), sort_keys=False))
     (job.dir / "run_info.json").write_text(json.dumps({"git_commit": base}))
-    summaries = {(job.label, 0): {}}
+    entries = {job.entry}
 
     assert job.mismatch() == (f"the code changed since its commit {base[:10]} (swa_lib, models, data, "
                               f"{job.entry}) in {message[:10]}, not declared result-neutral in "
                               "experiments/result_neutral.yaml")
-    assert reproduce.neutral_lines(spec, "smoke", summaries) == []
+    assert reuse.neutral_lines({base}, entries) == []
     declare(message)
     assert job.mismatch() is None
-    line, = reproduce.neutral_lines(spec, "smoke", summaries)
+    line, = reuse.neutral_lines({base + "-dirty"}, entries)
     assert f"`{message[:10]}` (why {message[:4]})" in line
     real = commit("swa_lib/loop.py", "a = 2\n")  # an undeclared change after a declared one
     assert job.mismatch().endswith(f"in {real[:10]}, not declared result-neutral in experiments/result_neutral.yaml")

@@ -1,0 +1,87 @@
+"""When a finished or interrupted run of a table may be reused (experiments/reproduce.py).
+
+A run is reusable when its resolved config equals the one asked for (keys that only say where
+files live, swa_lib.config.IDENTITY_NEUTRAL, aside) and the code it ran does not differ from HEAD
+in swa_lib/, models/, data/ or its entry point, except by commits declared result-neutral in
+experiments/result_neutral.yaml. A run from a modified tree counts only if none of the modified
+files was code.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from swa_lib.config import IDENTITY_NEUTRAL, Config, flatten, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_PATHS = ("swa_lib", "models", "data")
+NEUTRAL = ROOT / "experiments" / "result_neutral.yaml"
+
+
+def result_neutral() -> dict[str, str]:
+    """{full commit hash: why} of the commits declared not to change what any run computes."""
+    entries = yaml.safe_load(NEUTRAL.read_text()) if NEUTRAL.exists() else None
+    return {str(e["commit"]): str(e["why"]) for e in (entries or {}).get("commits") or []}
+
+
+def code_changes_since(commit: str, paths: list[str]) -> list[str] | None:
+    """The commits between `commit` and HEAD that touch `paths`, oldest first; None when `commit`
+    is not an ancestor of HEAD (another branch, or unknown here): then only a plain diff can tell."""
+    if subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=ROOT,
+                      capture_output=True).returncode != 0:
+        return None
+    out = subprocess.run(["git", "rev-list", "--reverse", "--full-history", f"{commit}..HEAD", "--", *paths],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+def config_mismatch(had: dict | None, want: Config) -> str | None:
+    """Which keys of a run's stored config.yaml differ from the config asked for, as run identities."""
+    had = {k: v for k, v in flatten(had or {}).items() if k not in IDENTITY_NEUTRAL}
+    want = {k: v for k, v in flatten(json.loads(json.dumps(to_dict(want)))).items()  # tuples -> lists
+            if k not in IDENTITY_NEUTRAL}
+    differing = sorted(k for k in set(had) | set(want) if had.get(k) != want.get(k))
+    return f"its config differs in {', '.join(differing)}" if differing else None
+
+
+def code_mismatch(commit: str, entry: str, dirty_paths: list[str] | None) -> str | None:
+    """Why code at `commit` (maybe '<hash>-dirty', with the tracked files then modified) is not
+    HEAD's code for a run of `entry`, or None. The row's config file is not among the paths: the
+    resolved config is compared exactly, and a comment in the file does not change a run."""
+    paths = [*CODE_PATHS, entry]
+    if commit.endswith("-dirty"):
+        code = [d for d in dirty_paths or [] if any(d == p or d.startswith(p.rstrip("/") + "/") for p in paths)]
+        if dirty_paths is None or code:
+            return (f"it ran from a modified tree ({commit}"
+                    + (f"; modified code: {', '.join(code)})" if code else "; which files, not recorded)"))
+        commit = commit.removesuffix("-dirty")  # only files that are not code were modified
+    if commit == "unknown":
+        return "it ran from an unknown tree"
+    if subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", *paths], cwd=ROOT,
+                      capture_output=True).returncode == 0:
+        return None
+    undeclared = code_changes_since(commit, paths)
+    if undeclared is None:
+        return f"the code changed since its commit {commit[:10]} ({', '.join(paths)})"
+    undeclared = [c for c in undeclared if c not in result_neutral()]
+    return None if not undeclared else (
+        f"the code changed since its commit {commit[:10]} ({', '.join(paths)}) in "
+        f"{', '.join(c[:10] for c in undeclared)}, not declared result-neutral in {NEUTRAL.relative_to(ROOT)}")
+
+
+def neutral_lines(commits: set[str], entries: set[str]) -> list[str]:
+    """A provenance line naming the result-neutral commits that runs at `commits` were reused across."""
+    paths = [*CODE_PATHS, *sorted(entries)]
+    declared, used = result_neutral(), []
+    for commit in sorted({c.removesuffix("-dirty") for c in commits} - {"unknown"}):
+        for c in code_changes_since(commit, paths) or []:
+            if c in declared and c not in used:
+                used.append(c)
+    if not used:
+        return []
+    return ["- code changed since some runs' commits only in commits declared result-neutral "
+            f"(`{NEUTRAL.relative_to(ROOT)}`, which gives each one's reason and check): "
+            + "; ".join(f"`{c[:10]}` ({declared[c].split('. ')[0].rstrip('.')})" for c in used)]
