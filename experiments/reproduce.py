@@ -10,13 +10,9 @@ A table spec (configs/reproduce/<name>.yaml) lists rows (label, config, override
 processes per run, paired differences and the claims it tests (experiments/tables.py).
 
 Runs live in runs/reproduce/<name>/<label>-s<seed>/ and are kept between invocations:
-- a finished run is reused when its resolved config equals the one the spec asks for (keys
-  that only say where files live, swa_lib.config.IDENTITY_NEUTRAL, aside) and the code it ran
-  (its commit) does not differ from HEAD in swa_lib/, models/, data/ or the entry point, except
-  by commits declared result-neutral in experiments/result_neutral.yaml (each with the reason
-  and the check behind it; the table's provenance lists those it relied on); otherwise it is
-  moved aside to runs/reproduce/<name>/.stale/ (never deleted) and run again, and the move is
-  printed;
+- a finished run is reused when its config and code match this checkout (the rule, with
+  its result-neutral commits, is experiments/reuse.py); otherwise it is moved aside to
+  runs/reproduce/<name>/.stale/ (never deleted) and run again, and the move is printed;
 - an unfinished run (killed, preempted) continues from its latest checkpoint, under the same
   two conditions; so a killed `reproduce` resumes where it stopped.
 Across machines: each finished run also leaves a record in results/run_records/<name>/<run>/
