@@ -54,8 +54,9 @@ def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float,
                 "machine of the same kind)" if len(set(dates)) > 1 else ""),
             f"- this invocation's machine: {machine_description()}",
             f"- cores shared: {layout or 'not recorded'}; other tables running "
-            f"at the same time: {others}; load average (1 min) during the runs: "
-            f"{min(loads):.1f}-{max(loads):.1f} (median {sorted(loads)[len(loads) // 2]:.1f}; 2 cores)",
+            f"at the same time: {others}; load average (1 min) during the runs: " + (
+                f"{min(loads):.1f}-{max(loads):.1f} (median {sorted(loads)[len(loads) // 2]:.1f}; 2 cores)"
+                if loads else "not recorded"),
             "- data: " + "; ".join(f"{tr:,} training images, evaluated on {ev:,} {split} images"
                                     for tr, ev, split in data),
             f"- precision: {', '.join(precision)}",
@@ -79,8 +80,7 @@ class Sharing:
         self.mine = self.active / f"{name}.{os.getpid()}"  # name.pid; a dead pid's file is ignored
         self.mine.write_text(name)
         self.others: set[str] = set()
-        self.loads: list[float] = []
-        self.sample()
+        self.loads: list[float] = []  # sampled only while runs train: an invocation that trains none adds nothing
 
     def sample(self) -> None:
         self.loads.append(os.getloadavg()[0])

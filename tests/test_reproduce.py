@@ -284,6 +284,23 @@ def test_a_run_that_finished_without_its_record_gets_one_at_the_next_invocation(
     assert all((tmp_path / "records" / "smoke" / j.dir.name / "summary.json").exists() for j in jobs)
 
 
+def test_an_invocation_that_trains_nothing_adds_nothing_to_what_shared_the_cores(tmp_path, monkeypatch):
+    """A --render-only (or all-reused) invocation must not write its own load average and the
+    tables running beside it into the provenance of runs that trained earlier."""
+    import os
+
+    monkeypatch.setenv("SWA_REPRODUCE_ACTIVE", str(tmp_path / "active"))
+    (tmp_path / "active").mkdir()
+    (tmp_path / "active" / f"other_table.{os.getpid()}").write_text("other_table")  # a live table beside it
+    sharing = reproduce.Sharing("smoke")
+    try:
+        assert sharing.loads == [] and sharing.others == set()
+        sharing.sample()  # what run_all does while runs train
+        assert len(sharing.loads) == 1 and sharing.others == {"other_table"}
+    finally:
+        sharing.close()
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_stopped_reproduce_lets_its_runs_checkpoint(tmp_path, processes):
