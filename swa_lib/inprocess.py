@@ -20,13 +20,13 @@ is one model), which is what `resolve_models_per_process` enforces.
 
 Oracle (tests/test_inprocess.py): a run with K_local models in one process gives the same
 per-worker weights and the same average as K processes with the same seeds; bitwise on the
-sequential path for K = 2 (the sum of two gradients or weights is the same in either order),
-to rounding (~4e-6) on the vectorised path over a few steps. Over a long run the vectorised
-path drifts from the process run as any change of summation order does: the training is
-chaotic, and a 1-ulp change can flip a max-pool near-tie and reroute a gradient element (the
-test's docstring has the measurements). Neither path is more correct: both match float64
-gradients except at such ties. `workers_vectorised` defaults to false, the path whose runs are
-bitwise those of K processes.
+sequential path for K = 2 (the sum of two gradients or weights is the same in either order);
+the vectorised path equals the sequential one to 1e-9 when both run in float64. In float32 the
+vectorised path sums in another order: the training is chaotic, and a 1-ulp change can flip a
+ReLU input or max-pool window that sits near a tie and reroute a gradient element, on some CPUs
+within a few steps (the test's docstring has the measurements). Neither path is more correct:
+both match float64 gradients except at such ties. `workers_vectorised` defaults to false, the
+path whose runs are bitwise those of K processes.
 """
 from __future__ import annotations
 
