@@ -72,6 +72,14 @@ def test_swap_paper_plan_shows_the_layout_and_the_phase_2_takeover(capsys, monke
     assert lrs(text)[5] == (1.6, "phase1")  # peak 0.4 x 2048 / 512
 
 
+def test_hwa_plan_names_its_groups(capsys, monkeypatch):
+    config = REPO_ROOT / "configs/hwa/tiny_imagenet_resnet9_hwa_reduced.yaml"
+    code, text = dry_run(capsys, monkeypatch, config, "--world-size", "2", "method.groups=1", "optim.batch_size=64")
+    assert code == 0 and "1 group of 2 process(es), one model each, batch 2 x 64 = 128" in text, text[-2000:]
+    code, text = dry_run(capsys, monkeypatch, config, "--world-size", "2")
+    assert code == 0 and "2 groups of 1 process(es), one model each, batch 1 x 128 = 128" in text, text[-2000:]
+
+
 def test_a_world_size_that_does_not_fit_exits_2_with_the_reason(capsys, monkeypatch):
     code, text = dry_run(capsys, monkeypatch, REPO_ROOT / "configs/swap/cifar10_resnet9_swap_paper.yaml",
                          "--world-size", "6")

@@ -162,7 +162,8 @@ class HWA(Strategy):
         g = world_size // m.groups
         groups = ", ".join(f"{k}: ranks {k * g}-{(k + 1) * g - 1}" if g > 1 else f"{k}: rank {k}"
                            for k in range(m.groups))
-        return [f"{m.groups} groups of {g} process(es), one model each, batch {g} x {b} = {g * b}; groups {groups}",
+        kind = "1 group" if m.groups == 1 else f"{m.groups} groups"
+        return [f"{kind} of {g} process(es), one model each, batch {g} x {b} = {g * b}; groups {groups}",
                 f"online average of the {m.groups} models {sync}; output: mean of the last "
                 f"{m.window_cycles} online averages"]
 
