@@ -18,6 +18,11 @@ it. The training model, its optimizer and the RNG streams are never touched. Wit
 `bn: recompute` only parameters are averaged and the copy's BN statistics are recomputed
 over training data (the loop does it: EvalTarget.recompute_bn); with `bn: average` the BN running statistics are
 averaged like parameters, which costs no extra pass over the data.
+
+An average with `eval_every_steps: N` is evaluated only at the evaluations whose step is a
+multiple of N, and at the end of training: a sweep of many averages can ride along one
+time-to-target run whose main averages are evaluated every `eval.every_steps`, without paying
+for every average at every evaluation.
 """
 from __future__ import annotations
 
@@ -31,6 +36,18 @@ from swa_lib.sections import from_dict
 
 BN_MODES = ("average", "recompute")
 BUFFER_DEVICES = ("device", "cpu")
+
+
+def _eval_every_problems(where: str, every: int | None, cfg) -> list[str]:
+    if every is None:
+        return []
+    grid = cfg.eval.every_steps
+    if not isinstance(every, int) or every < 1:
+        return [f"{where}.eval_every_steps: {every!r} must be an integer >= 1 or null (every evaluation)"]
+    if not grid or every % grid:
+        return [f"{where}.eval_every_steps: {every} must be a multiple of eval.every_steps ({grid}), "
+                f"else the average is never evaluated before the end of training"]
+    return []
 
 
 def _common_problems(where: str, bn: str, buffer_device: str) -> list[str]:
@@ -51,9 +68,11 @@ class LAWAConfig:
     window: int = 20  # L, snapshots averaged; the paper's L = 20 (verified)
     bn: str = "average"  # average (BN statistics averaged too) | recompute (update_bn before each eval)
     buffer_device: str = "device"  # device | cpu (pinned host memory, filled asynchronously on a GPU)
+    eval_every_steps: int | None = None  # evaluated only at steps that are multiples of it (and at the end)
 
     def validate(self, cfg, where: str = "method") -> list[str]:
         p = _common_problems(where, self.bn, self.buffer_device)
+        p += _eval_every_problems(where, self.eval_every_steps, cfg)
         if self.every_steps < 1:
             p.append(f"{where}.every_steps: {self.every_steps} must be >= 1")
         if self.window < 1:
@@ -74,9 +93,11 @@ class EMAConfig:
     warmup: bool = False  # beta_k = min(decay, (1 + k) / (10 + k)) for the k-th update
     bn: str = "average"
     buffer_device: str = "device"
+    eval_every_steps: int | None = None  # as LAWAConfig's
 
     def validate(self, cfg, where: str = "method") -> list[str]:
         p = _common_problems(where, self.bn, self.buffer_device)
+        p += _eval_every_problems(where, self.eval_every_steps, cfg)
         if self.every_steps < 1:
             p.append(f"{where}.every_steps: {self.every_steps} must be >= 1")
         if not 0 < self.decay < 1:
@@ -153,6 +174,7 @@ class WeightAverages(Strategy):
             named = [(m.name, m)]
             self.primary = m.name
         self.averages = {name: build_average(e, ctx.model) for name, e in named}
+        self.eval_every = {name: e.eval_every_steps for name, e in named}
         self.recompute_bn = m.bn == "recompute"
         # One evaluation copy per average: the loop evaluates all targets after collecting them.
         self.eval_models = {name: copy.deepcopy(ctx.model) for name in self.averages}
@@ -173,9 +195,13 @@ class WeightAverages(Strategy):
 
     def eval_targets(self):
         targets = {}
+        end = self.ctx.epoch >= self.cfg.schedule.epochs
         for name, average in self.averages.items():
             if not average.ready:
                 continue  # LAWA is evaluated only once its queue is full
+            every = self.eval_every[name]
+            if every and self.ctx.step % every and not end:
+                continue  # off its own evaluation grid
             model = self.eval_models[name]
             model.load_state_dict(self.ctx.model.state_dict())  # non-averaged state, e.g. num_batches_tracked
             average.copy_to(model)
