@@ -93,13 +93,13 @@ class Job:
 
     def mismatch(self) -> str | None:
         """Why the run directory cannot be reused or resumed, or None if it can (experiments/reuse.py)."""
-        try:
-            had = yaml.safe_load((self.dir / "config.yaml").read_text())
-            commit = json.loads((self.dir / "run_info.json").read_text())["git_commit"]
-        except (OSError, ValueError, KeyError):
-            return "it has no readable config.yaml / run_info.json"
-        return (reuse.config_mismatch(had, self.config)
-                or reuse.code_mismatch(commit, self.entry, self.load_state().get("dirty_paths")))
+        return reuse.run_mismatch(self.dir, self.config, self.entry, self.load_state())
+
+    def record_mismatch(self) -> str | None:
+        """The same question for the run's record: would this checkout reuse it on a new machine?"""
+        load = self.record / "load.json"
+        return reuse.run_mismatch(self.record, self.config, self.entry,
+                                  json.loads(load.read_text()) if load.exists() else {})
 
     def save_record(self) -> None:
         """Copy what a finished run's table, figures and TensorBoard need into its record.
@@ -347,6 +347,12 @@ def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = Fals
     return out
 
 
+def out_of_date(name: str) -> list[str]:
+    """Why this checkout would not reuse each recorded run of a table (empty: all reusable)."""
+    jobs = all_jobs(yaml.safe_load((SPECS / f"{name}.yaml").read_text()), name)
+    return [why for job in jobs if (job.record / "summary.json").exists() and (why := job.record_mismatch())]
+
+
 def headline_specs() -> list[str]:
     return sorted(p.stem for p in SPECS.glob("*.yaml") if not p.stem.startswith(("pilot_", "smoke_")))
 
@@ -373,7 +379,8 @@ def main() -> int:
         print(f"reproduce: a row's config is invalid: {err}", file=sys.stderr)
         return 2
     if args.table in ("all", "summary"):
-        print(f"wrote {summary_page.write(ROOT, headline_specs()).relative_to(ROOT)}")
+        stale = {name: out_of_date(name) for name in headline_specs()}
+        print(f"wrote {summary_page.write(ROOT, headline_specs(), stale).relative_to(ROOT)}")
     return 0
 
 

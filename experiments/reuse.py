@@ -38,6 +38,16 @@ def code_changes_since(commit: str, paths: list[str]) -> list[str] | None:
     return out.split()
 
 
+def run_mismatch(run_dir: Path, want: Config, entry: str, load_state: dict) -> str | None:
+    """Why the run in `run_dir` (a run directory or its record) cannot be reused, or None if it can."""
+    try:
+        had = yaml.safe_load((run_dir / "config.yaml").read_text())
+        commit = json.loads((run_dir / "run_info.json").read_text())["git_commit"]
+    except (OSError, ValueError, KeyError):
+        return "it has no readable config.yaml / run_info.json"
+    return config_mismatch(had, want) or code_mismatch(commit, entry, load_state.get("dirty_paths"))
+
+
 def config_mismatch(had: dict | None, want: Config) -> str | None:
     """Which keys of a run's stored config.yaml differ from the config asked for, as run identities."""
     had = {k: v for k, v in flatten(had or {}).items() if k not in IDENTITY_NEUTRAL}

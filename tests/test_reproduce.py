@@ -85,6 +85,28 @@ def test_summary_page_names_both_sides_and_counts_the_recorded_runs_of_an_unfini
     assert "2.0 h of wall time" in page
     assert "`half` (no results/half.json: 3 of its 6 runs recorded in results/run_records/half/" in page, page
     assert "`done`'s claim(s) 'Y (added later)' (not yet in results/done.json: run `./run.sh reproduce done`)" in page
+    assert "Out of date" not in page
+    page = summary.write(tmp_path, ["done", "half"], {"done": ["its config differs in optim.lr"] * 2, "half": []})
+    assert "Out of date" in page.read_text() and "`done` (2 recorded run(s) would rerun: its config differs in " \
+        "optim.lr)." in page.read_text() and "`half` (" not in page.read_text().split("Out of date")[1]
+
+
+def test_out_of_date_reads_the_records_as_a_new_machine_would(tmp_path, monkeypatch):
+    """reproduce.out_of_date: a record is judged by the same rule as a run directory."""
+    monkeypatch.setattr(reproduce, "RECORDS", tmp_path)
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    jobs = reproduce.all_jobs(spec, "smoke_baselines")
+    assert reproduce.out_of_date("smoke_baselines") == []  # nothing recorded
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    for job, lr in zip(jobs[:2], (None, 0.5), strict=True):
+        config = to_dict(job.config)
+        if lr is not None:
+            config["optim"]["lr"] = lr
+        job.record.mkdir(parents=True)
+        (job.record / "summary.json").write_text("{}")
+        (job.record / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (job.record / "run_info.json").write_text(json.dumps({"git_commit": head}))
+    assert reproduce.out_of_date("smoke_baselines") == ["its config differs in optim.lr"]
 
 
 def test_table_time_counts_reused_runs_divided_by_the_runs_that_shared_the_cores(tmp_path, monkeypatch):
