@@ -115,16 +115,14 @@ def test_averages_never_change_training_and_resume_exactly(tmp_path):
 def test_an_average_with_its_own_grid_is_evaluated_on_it_and_at_the_end(tmp_path):
     """eval_every_steps: 8 on a grid of 4 over 12 steps (evaluations at steps 4, 6 (epoch end), 8 and 12):
     that average at 8 and 12 only, the other one at every evaluation; the training is the same."""
-    averages = ["method.name=averages", "method.lawa=[{every_steps: 1, window: 2, eval_every_steps: 8}]",
-                "method.ema=[{every_steps: 1, decay: 0.8}]"]
-    trainer, summary = fit(tmp_path, "grid", *averages)
+    ema = ["method.name=averages", "method.ema=[{every_steps: 1, decay: 0.8}]"]
+    trainer, summary = fit(tmp_path, "grid", *ema, "method.lawa=[{every_steps: 1, window: 2, eval_every_steps: 8}]")
     steps = {name: [h["step"] for h in trainer.history if name in h["results"]]
              for name in ("model", "lawa_nu1_L2", "ema_nu1_b0.8")}
     assert steps["model"] == steps["ema_nu1_b0.8"] and {4, 6, 8, 12} <= set(steps["model"]), steps
     assert sorted(set(steps["lawa_nu1_L2"])) == [8, 12], steps
     assert "lawa_nu1_L2/acc" in summary["final"]
-    everywhere, _ = fit(tmp_path, "everywhere", *averages[:1], "method.lawa=[{every_steps: 1, window: 2}]",
-                        averages[2])
+    everywhere, _ = fit(tmp_path, "everywhere", *ema, "method.lawa=[{every_steps: 1, window: 2}]")
     assert {h["step"] for h in everywhere.history if "lawa_nu1_L2" in h["results"]} >= {4, 6}
     for (name, a), b in zip(everywhere.ctx.model.state_dict().items(),
                             trainer.ctx.model.state_dict().values(), strict=True):
