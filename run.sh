@@ -3,7 +3,8 @@
 #
 #   ./run.sh reproduce baselines     regenerate results/baselines_cifar10_reduced.md (the main job)
 #   ./run.sh reproduce NAME | all    any table of configs/reproduce/ (swap, swalp, hwa, averaging,
-#                                    averaging_tiny), or all of them in turn (about 3 h on 2 cores)
+#                                    averaging_tiny, hwa_tiny), or all of them in turn (about 19 h on
+#                                    2 cores; results/README.md gives the current total)
 #   ./run.sh test [pytest args]      the whole test suite (what CI runs)
 #   ./run.sh lint [ruff args]        ruff check . (the style of pyproject.toml; the test suite runs it too)
 #   ./run.sh setup                   only install (Open MPI, .venv, Horovod)
