@@ -23,6 +23,8 @@ def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float,
                                              if cpu.get("family_model_stepping") else "")
         machines[key] = machines.get(key, 0) + 1
     dates = sorted(i.get("started", "unknown")[:10] for i in infos)
+    began = dt.datetime.now() - dt.timedelta(seconds=elapsed_s)
+    earlier = sum(1 for i in infos if "started" in i and dt.datetime.fromisoformat(i["started"]) < began)
     data = sorted({(s.get("train_images"), s.get("eval_images"), s.get("eval_split", "test"))
                    for s in summaries.values()}, key=str)
     precision = sorted({str(i["config"]["run"].get("precision", "fp32")) for i in infos})
@@ -30,10 +32,13 @@ def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float,
     # Load and concurrent tables while each run trained (recorded per run, so reused runs count too).
     loads, others = list(sharing.loads), set(sharing.others)
     layouts = {(at_once, threads)} if threads else set()
-    for label, seed in summaries:
+    dirty: set[str] | None = set()  # tracked files modified when the '-dirty' runs started
+    for (label, seed), info in zip(summaries, infos):
         f = dir_of(label, seed).with_name(dir_of(label, seed).name + ".load.json")
-        if f.exists():
-            state = json.loads(f.read_text())
+        state = json.loads(f.read_text()) if f.exists() else {}
+        if info["git_commit"].endswith("-dirty"):
+            dirty = None if dirty is None or "dirty_paths" not in state else dirty | set(state["dirty_paths"])
+        if state:
             loads += state["load"]
             others |= set(state["tables"])
             if "at_once" in state:  # load files written before the layout was kept at a run's start lack it
@@ -46,12 +51,14 @@ def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float,
             f"- wall time of the table: {table_s / 3600:.2f} h (each run's wall "
             f"time divided by the runs that shared the cores with it; the runs' own wall times sum to "
             f"{run_s / 3600:.2f} h)",
-            f"- commit(s) of the runs: {', '.join(f'`{c}`' for c in commits)}",
+            f"- commit(s) of the runs: {', '.join(f'`{c}`' for c in commits)}" + (
+                f" ('-dirty': tracked files modified when those runs started: {_grouped(dirty)})"
+                if any(c.endswith("-dirty") for c in commits) else ""),
             "- machine(s) of the runs: " + "; ".join(
                 f"{m} ({n} run(s))" for m, n in sorted(machines.items())),
             f"- run dates: {min(dates)} to {max(dates)}" + (
-                " (runs restored from results/run_records/ ran in earlier sessions, possibly on another "
-                "machine of the same kind)" if len(set(dates)) > 1 else ""),
+                f" ({earlier} of the {len(infos)} runs trained before this invocation: reused from an earlier "
+                "one, or restored from results/run_records/, possibly from another machine)" if earlier else ""),
             f"- this invocation's machine: {machine_description()}",
             f"- cores shared: {layout or 'not recorded'}; other tables running "
             f"at the same time: {others}; load average (1 min) during the runs: " + (
@@ -68,6 +75,19 @@ def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float,
                         for r in spec["rows"]),
             f"- run directories with TensorBoard logs: `runs/reproduce/{name}/` "
             f"(`./run.sh tensorboard runs/reproduce/{name}`)"]
+
+
+def _grouped(paths: set[str] | None) -> str:
+    """'results/ (12 files), README.md': modified paths by top-level folder; None: not recorded."""
+    if paths is None:
+        return "not recorded for every run"
+    if not paths:
+        return "none recorded"
+    tops: dict[str, int] = {}
+    for p in paths:
+        top = p.split("/")[0] + ("/" if "/" in p else "")
+        tops[top] = tops.get(top, 0) + 1
+    return ", ".join(f"{t} ({n} file{'s' if n > 1 else ''})" if t.endswith("/") else t for t, n in sorted(tops.items()))
 
 
 class Sharing:
