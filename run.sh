@@ -5,7 +5,7 @@
 #   ./run.sh reproduce NAME | all    any table of configs/reproduce/ (swap, swalp, hwa, averaging,
 #                                    averaging_tiny, hwa_tiny), or all of them in turn (about 19 h on
 #                                    2 cores; results/README.md gives the current total)
-#   ./run.sh test [pytest args]      the whole test suite (what CI runs)
+#   ./run.sh test [pytest args]      the whole test suite (what CI runs), or the test files named
 #   ./run.sh lint [ruff args]        ruff check . (the style of pyproject.toml; the test suite runs it too)
 #   ./run.sh setup                   only install (Open MPI, .venv, Horovod)
 #   ./run.sh mpirun -np 4 python experiments/baselines.py --config configs/...
@@ -30,7 +30,11 @@ case "$cmd" in
   setup) tools/setup.sh ;;
   test)
     tools/setup.sh
-    exec python -m pytest "${@:--q}" tests ;;
+    # pytest args; the whole tests/ folder unless a test file or node id is named
+    args=("${@:--q}") named=0
+    for a in "${args[@]}"; do [[ $a != -* && -e ${a%%::*} ]] && named=1; done
+    [ "$named" -eq 1 ] || args+=(tests)
+    exec python -m pytest "${args[@]}" ;;
   lint)
     tools/setup.sh >/dev/null
     exec ruff check "${@:-.}" ;;
