@@ -45,7 +45,8 @@ def test_the_dirty_commit_names_what_was_modified_and_dates_say_which_runs_are_o
 
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    text = _lines(fresh, {0: ("abc", now - dt.timedelta(minutes=30), None),
-                          1: ("abc-dirty", now - dt.timedelta(minutes=3), {})}, elapsed_s=3600)
-    assert "trained before this invocation" not in text, text
+    text = _lines(fresh, {0: ("abc", now - dt.timedelta(days=1), None),  # runs on two dates, both of
+                          1: ("abc-dirty", now - dt.timedelta(minutes=3), {})},  # this invocation
+                  elapsed_s=2 * 86400)
+    assert "trained before this invocation" not in text and "restored from" not in text, text
     assert "'-dirty': tracked files modified when those runs started: not recorded for every run" in text, text
