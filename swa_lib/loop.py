@@ -382,8 +382,8 @@ class Trainer:
             for k in m:
                 final[f"groups_mean/{n}/{k}"] = sum(r[n][k] for r in per) / len(per)
                 final[f"groups_max/{n}/{k}"] = max(r[n][k] for r in per)
-        train = self.history[-1].get("train") or {}
-        final.update({f"train/{k}": v for k, v in train.items()})  # the last epoch's training metrics
+        train = self.history[-1].get("train") or {}  # the last epoch's training metrics, and the method's own
+        final.update({**{f"train/{k}": v for k, v in train.items()}, **self.strategy.final_metrics()})
         final.update({"output/acc": last[out]["acc"], "output/loss": last[out]["loss"],
                       "wall_s": self._wall_s(), **{f"time/{k}": v for k, v in self.timer.totals.items()}})
         summary = {"output_name": out, "epochs": self.ctx.epoch, "steps": self.ctx.step, "final": final,

@@ -42,6 +42,8 @@ def test_one_process_swap_is_one_worker_whose_average_is_itself(tmp_path):
     trainer = build_trainer(load_config(None, TINY, default_method="swap"), init_comm("single"), tmp_path)
     summary = trainer.fit()
     assert trainer.strategy.phase1_end["rule"] == "epoch_cap" and summary["epochs"] == 3
+    assert summary["final"]["swap/phase1_stopped_by_accuracy"] == 0.0  # the tables' "phase 1 ended" columns
+    assert summary["final"]["swap/phase1_end_epoch"] == 3 - trainer.cfg.method.phase2_epochs
     for a, b in zip(trainer.ctx.model.parameters(), trainer.strategy.average.parameters(), strict=True):
         assert torch.equal(a, b)
     assert (tmp_path / "final_model.pt").exists() and summary["output_name"] == "swap"
@@ -58,10 +60,13 @@ def test_phase_1_stops_at_the_first_epoch_whose_training_accuracy_reaches_the_th
     swap = build_trainer(load_config(None, TINY + ["schedule.epochs=4", "method.phase2_epochs=1",
                                                    f"method.stop_accuracy={threshold}"], default_method="swap"),
                          init_comm("single"), tmp_path / "swap")
-    swap.fit()
+    summary = swap.fit()
     # Phase 1 is SGD with the same seed and batch up to its end, so it sees the same accuracies.
     assert swap.strategy.phase1_end["epoch"] == 2 and swap.strategy.phase1_end["rule"] == "stop_accuracy"
     assert swap.strategy.phase1_end["train_acc"] == pytest.approx(accs[1])
+    final = summary["final"]
+    assert (final["swap/phase1_end_epoch"], final["swap/phase1_stopped_by_accuracy"]) == (2.0, 1.0)
+    assert final["swap/phase1_end_train_acc_pct"] == pytest.approx(accs[1])
 
 
 def test_phase_3_average_and_bn_recompute_count_as_training_time(tmp_path, monkeypatch):

@@ -180,6 +180,10 @@ class Strategy:
     def eval_targets(self) -> dict[str, EvalTarget]:
         return {}
 
+    def final_metrics(self) -> dict[str, float]:
+        """Numbers about how the method ran (not model results) for summary.json's "final"."""
+        return {}
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         return {}

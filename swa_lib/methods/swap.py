@@ -303,6 +303,13 @@ class SWAP(Strategy):
     def finished(self) -> bool:
         return self._phase == "phase3"
 
+    def final_metrics(self) -> dict[str, float]:
+        if not self.phase1_end:
+            return {}
+        return {"swap/phase1_end_epoch": float(self.phase1_end["epoch"]),
+                "swap/phase1_end_train_acc_pct": float(self.phase1_end["train_acc"]),
+                "swap/phase1_stopped_by_accuracy": float(self.phase1_end["rule"] == "stop_accuracy")}
+
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         return {"phase": self._phase, "phase2_start": self.phase2_start, "phase1_end": self.phase1_end,
