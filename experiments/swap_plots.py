@@ -11,6 +11,7 @@ error_plane       test error on the plane through three phase-2 workers' weights
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -74,6 +75,21 @@ def _test_error(model, loader) -> float:
     return 100 * (1 - evaluate(model, loader, torch.device("cpu"))["acc"])
 
 
+def _worker_states(checkpoint: Path, count: int) -> list[dict]:
+    """The first `count` phase-2 workers' weights from a SWAP checkpoint generation: rank r's model
+    with one worker per process, rank r's in-process workers (strategy state) with several."""
+    states: list[dict] = []
+    for rank in itertools.count():
+        if len(states) >= count or not (checkpoint / f"rank{rank}.pt").exists():
+            break
+        ckpt = torch.load(checkpoint / f"rank{rank}.pt", map_location="cpu", weights_only=False)
+        workers = ckpt["strategy"].get("workers")
+        states.extend(workers["models"] if workers is not None else [ckpt["model"]])
+    if len(states) < count:
+        raise ValueError(f"{checkpoint} holds {len(states)} phase-2 workers; the error plane needs {count}")
+    return states[:count]
+
+
 def error_plane(spec, summaries, run_base, results_dir, seed=None, grid=7, margin=0.35, test_images=1000,
                 bn_batches=5):
     seed = spec["seeds"][0] if seed is None else seed
@@ -83,8 +99,7 @@ def error_plane(spec, summaries, run_base, results_dir, seed=None, grid=7, margi
     torch.set_num_threads(max(1, torch.get_num_threads()))
     workload = Workload(cfg, torch.device("cpu"))
     model = workload.build_model()
-    states = [torch.load(run_dir / "checkpoints" / tag / f"rank{r}.pt", map_location="cpu", weights_only=False)["model"]
-              for r in range(3)]
+    states = _worker_states(run_dir / "checkpoints" / tag, 3)
     points = []
     for state in states:
         model.load_state_dict(state)
@@ -150,35 +165,51 @@ def _phase_steps(summary: dict) -> dict[str, int]:
     return out
 
 
+def models_per_process(summary: dict) -> int:
+    """How many phase-2 workers each process held (in-process workers train one after another)."""
+    workers = {k.split("/", 1)[0] for k in summary["final"] if k.startswith("group") and k[5:6].isdigit()}
+    return max(1, len(workers) // summary["world_size"])
+
+
+def modelled_train_s(summary: dict, processes: int, cores: int) -> float:
+    """Training seconds with one core per process and one per phase-2 worker: the measured seconds
+    scaled by cores / processes, with phase 2's seconds divided by the workers each process held."""
+    m = models_per_process(summary)
+    phase2 = summary["final"].get("time/phase/phase2", 0.0)
+    return (summary["final"]["time/train"] - phase2 * (1 - 1 / m)) * min(1.0, cores / processes)
+
+
 def time_table(spec, summaries, run_base, results_dir):
     """The SWAP time claim, three ways, each labelled for what it is.
 
-    measured      training seconds of this run on this machine (4 processes sharing 2 cores;
-                  evaluation and checkpoints excluded; phase 3's average and BN recompute included).
+    measured      training seconds of this run on this machine (all its processes sharing the
+                  cores; evaluation and checkpoints excluded; phase 3's average and BN recompute
+                  included).
     critical path sequential optimizer steps: phase-2 workers run in parallel, so a SWAP run's
                   critical path is its phase-1 steps plus one worker's phase-2 steps. On hardware
                   whose step time barely grows with the batch (GPUs far from saturation, the
                   paper's regime), time is proportional to this count.
-    modelled      each process on a core of its own: every phase's measured seconds per step,
-                  scaled by cores / processes (communication as measured here, included). On
-                  this CPU throughput is flat in the batch, so this model gives large batches no
-                  advantage per image; it is the time the same runs would take with one core each.
+    modelled      every process and every phase-2 worker on a core of its own: the measured
+                  seconds scaled by cores / processes, and phase 2's seconds divided by the
+                  workers each process held (in-process workers train one after another), so
+                  each phase costs its critical-path steps times the seconds per step measured in
+                  the same run (communication as measured here, included). On this CPU throughput
+                  is flat in the batch, so this model gives large batches no advantage per image.
     """
     import os
 
     cores = len(os.sched_getaffinity(0))
     lines = ["## Time, three ways", "", time_table.__doc__.split("\n\n", 1)[1].replace("    ", ""), "",
-             "| method | measured training s | critical-path steps | modelled s (one core per process) | "
-             "steps per phase |", "|---|---|---|---|---|"]
+             "| method | measured training s | critical-path steps | modelled s (one core per process and "
+             "per worker) | steps per phase |", "|---|---|---|---|---|"]
     for row in spec["rows"]:
         label = row["label"]
         seeds = row.get("seeds", spec["seeds"])
         runs = [summaries[(label, s)] for s in seeds]
         procs = row.get("processes", spec.get("processes", 1))
-        scale = min(1.0, cores / procs)
         measured = [r["final"]["time/train"] for r in runs]
         steps = [r["steps"] for r in runs]
-        modelled = [r["final"]["time/train"] * scale for r in runs]
+        modelled = [modelled_train_s(r, procs, cores) for r in runs]
         per_phase = _phase_steps(runs[0])
         lines.append(f"| {label} | {mean_std(measured, '{:.1f}')} | {mean_std(steps, '{:.0f}')} | "
                      f"{mean_std(modelled, '{:.1f}')} | "
