@@ -119,7 +119,11 @@ class Job:
             shutil.copy2(latest, tmp / "checkpoints" / "latest.json")
             for f in sorted((self.dir / "checkpoints" / tag).glob("rank*.pt")):
                 state = torch.load(f, map_location="cpu", weights_only=False)
-                torch.save({"model": state["model"]}, tmp / "checkpoints" / tag / f.name)
+                kept = {"model": state["model"]}
+                workers = (state.get("strategy") or {}).get("workers")  # in-process workers' models
+                if workers is not None:
+                    kept["strategy"] = {"workers": {"models": workers["models"]}}
+                torch.save(kept, tmp / "checkpoints" / tag / f.name)
         shutil.rmtree(self.record, ignore_errors=True)
         tmp.rename(self.record)
 
@@ -155,6 +159,8 @@ class Job:
         cost its runs. Written at the start, so a run that ends before its first load sample has both."""
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                              capture_output=True, text=True).stdout
+        if not self.dir.exists():  # a new run: a load file left by an earlier one is not its own
+            self.load_file.unlink(missing_ok=True)
         state = self.load_state()
         state.update(at_once=at_once, threads=self.threads)
         state["dirty_paths"] = sorted(set(state.get("dirty_paths", [])) | {line[3:] for line in out.splitlines()})
@@ -187,6 +193,8 @@ def move_aside(job: Job, why: str) -> None:
     stale = job.dir.parent / ".stale" / f"{job.dir.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     stale.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(job.dir), stale)
+    if job.load_file.exists():  # its load samples, concurrent tables and modified paths are not the rerun's
+        shutil.move(str(job.load_file), stale / "load.json")
     print(f"reproduce: moved {job.dir.relative_to(ROOT)} aside to {stale.relative_to(ROOT)}: {why}", flush=True)
 
 

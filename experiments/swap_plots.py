@@ -83,7 +83,7 @@ def _worker_states(checkpoint: Path, count: int) -> list[dict]:
         if len(states) >= count or not (checkpoint / f"rank{rank}.pt").exists():
             break
         ckpt = torch.load(checkpoint / f"rank{rank}.pt", map_location="cpu", weights_only=False)
-        workers = ckpt["strategy"].get("workers")
+        workers = (ckpt.get("strategy") or {}).get("workers")  # a record keeps only these and "model"
         states.extend(workers["models"] if workers is not None else [ckpt["model"]])
     if len(states) < count:
         raise ValueError(f"{checkpoint} holds {len(states)} phase-2 workers; the error plane needs {count}")

@@ -367,3 +367,52 @@ def test_smoke_table_end_to_end(tmp_path):
         for seed in (0, 1):
             run = json.loads((runs / f"{label}-s{seed}" / "summary.json").read_text())
             assert numbers["rows"][label]["per_seed"][str(seed)] == pytest.approx(100 * run["final"]["output/acc"])
+
+
+def test_a_run_moved_aside_takes_its_load_file_and_a_new_run_starts_a_clean_one(tmp_path, monkeypatch):
+    """A rerun must not inherit the stale run's load samples, concurrent tables or modified paths
+    (they would show in the table's provenance as the rerun's)."""
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    job = reproduce.Job(spec, "smoke", spec["rows"][0], spec["seeds"][0])
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)  # not a git checkout: no file reads as modified
+    job.threads = 1
+    job.dir.mkdir(parents=True)
+    stale_state = {"load": [9.0], "tables": ["swalp"], "dirty_paths": ["README.md"], "at_once": 2}
+    job.load_file.write_text(json.dumps(stale_state))
+    reproduce.move_aside(job, "its config differs")
+    assert not job.load_file.exists()
+    (moved,) = (tmp_path / "runs" / "smoke" / ".stale").iterdir()
+    assert json.loads((moved / "load.json").read_text()) == stale_state
+    job.load_file.write_text(json.dumps(stale_state))  # an orphan, as older versions left them
+    job.note_start(at_once=1)
+    state = json.loads(job.load_file.read_text())
+    assert (state["load"], state["tables"], state["dirty_paths"]) == ([], [], [])  # none of the orphan's
+    assert (state["at_once"], state["threads"]) == (1, 1)
+    job.dir.mkdir()  # an interrupted run resumes: its own load file is kept
+    job.record_load({"other"}, at_once=1)
+    job.note_start(at_once=1)
+    assert json.loads(job.load_file.read_text())["tables"] == ["other"]
+
+
+def test_a_record_keeps_in_process_workers_weights_for_the_error_plane(tmp_path, monkeypatch):
+    import torch
+
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    spec["rows"][0]["record_weights"] = True
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "RECORDS", tmp_path / "records")
+    job = reproduce.Job(spec, "smoke", spec["rows"][0], spec["seeds"][0])
+    job.recorded = True
+    (job.dir / "checkpoints" / "e0002-final").mkdir(parents=True)
+    (job.dir / "summary.json").write_text(json.dumps({"final": {"output/acc": 0.5}}))
+    (job.dir / "checkpoints" / "latest.json").write_text(json.dumps({"tag": "e0002-final"}))
+    models = [{"w": torch.full((2,), float(k))} for k in range(2)]
+    torch.save({"model": models[0], "optimizer": {"big": torch.zeros(1000)},
+                "strategy": {"phase": "phase3", "workers": {"models": models, "optimizers": [{}, {}]}}},
+               job.dir / "checkpoints" / "e0002-final" / "rank0.pt")
+    job.save_record()
+    kept = torch.load(job.record / "checkpoints" / "e0002-final" / "rank0.pt", weights_only=False)
+    assert set(kept) == {"model", "strategy"} and set(kept["strategy"]) == {"workers"}
+    assert [torch.equal(a["w"], b["w"]) for a, b in zip(kept["strategy"]["workers"]["models"], models)] == [True] * 2
+    assert set(kept["strategy"]["workers"]) == {"models"}  # optimizer states are left out
