@@ -1,0 +1,136 @@
+"""The reproduce machinery's records (results/run_records/) and load files: what a finished run
+keeps for a new machine, and what a rerun must not inherit from the run it replaces."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import yaml
+
+from mpi_util import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))
+from experiments import reproduce  # noqa: E402
+from swa_lib.config import to_dict  # noqa: E402
+
+
+def test_a_finished_run_survives_a_new_machine_through_its_record(tmp_path, monkeypatch):
+    """save_record keeps what the table needs (and, where asked, the model weights only);
+    on a checkout without the run directory, restore_record brings it back as a finished run."""
+    import torch
+
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    spec["rows"][0]["record_weights"] = True
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "RECORDS", tmp_path / "records")
+    job = reproduce.Job(spec, "smoke", spec["rows"][0], spec["seeds"][0])
+    assert not job.recorded  # the smoke spec writes under runs/: its runs leave no record in results/
+    job.recorded = True
+    assert job.keep_weights
+    (job.dir / "checkpoints" / "e0002-final").mkdir(parents=True)
+    (job.dir / "tb").mkdir()
+    (job.dir / "tb" / "events").write_text("e")
+    (job.dir / "summary.json").write_text(json.dumps({"final": {"output/acc": 0.5}}))
+    (job.dir / "checkpoints" / "latest.json").write_text(json.dumps({"tag": "e0002-final"}))
+    weights = {"w": torch.arange(4.0)}
+    torch.save({"model": weights, "optimizer": {"big": torch.zeros(1000)}},
+               job.dir / "checkpoints" / "e0002-final" / "rank0.pt")
+    torch.save(weights, job.dir / "final_model.pt")
+    job.load_file.write_text(json.dumps({"load": [1.0], "tables": [], "at_once": 1, "threads": 1}))
+    job.save_record()
+    other = reproduce.Job(spec, "smoke", spec["rows"][0], spec["seeds"][1])
+    other.recorded = True
+    shutil.copytree(job.dir, other.dir)
+    other.save_record()
+    assert not (job.record / "final_model.pt").exists() and not (other.record / "final_model.pt").exists()
+    assert not (other.record / "checkpoints").exists() and (other.record / "summary.json").exists()
+    shutil.rmtree(other.record)
+    shutil.rmtree(other.dir)
+
+    assert (job.record / "tb" / "events").read_text() == "e" and (job.record / "load.json").exists()
+    kept = torch.load(job.record / "checkpoints" / "e0002-final" / "rank0.pt", weights_only=False)
+    assert set(kept) == {"model"} and torch.equal(kept["model"]["w"], weights["w"])
+
+    shutil.rmtree(job.dir)
+    job.load_file.unlink()
+    assert job.restore_record() and job.finished and job.load_file.exists()
+    assert not job.restore_record()  # an existing run directory is never overwritten
+    assert not other.keep_weights and not other.restore_record()  # no record: nothing to restore
+
+
+def test_a_run_that_finished_without_its_record_gets_one_at_the_next_invocation(tmp_path, monkeypatch):
+    """A run can finish while its `reproduce` is being stopped, before the record is written; the
+    next invocation finds it finished (nothing to train) and must still record it."""
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    spec["output"] = "results/smoke.md"  # a results/ table: its runs are recorded
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "RECORDS", tmp_path / "records")
+    monkeypatch.setenv("SWA_REPRODUCE_ACTIVE", str(tmp_path / "active"))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    jobs = reproduce.all_jobs(spec, "smoke")
+    for job in jobs:
+        job.dir.mkdir(parents=True)
+        (job.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(job.config), sort_keys=False))
+        (job.dir / "run_info.json").write_text(json.dumps({"git_commit": head}))
+        (job.dir / "summary.json").write_text(json.dumps({"final": {"wall_s": 1.0}}))
+    jobs[0].save_record()
+    assert [(tmp_path / "records" / "smoke" / j.dir.name / "summary.json").exists() for j in jobs] == \
+        [True] + [False] * (len(jobs) - 1)
+    sharing = reproduce.Sharing("smoke")
+    try:
+        summaries, _, _ = reproduce.run_all(spec, "smoke", 1, False, sharing)
+    finally:
+        sharing.close()
+    assert len(summaries) == len(jobs)
+    assert all((tmp_path / "records" / "smoke" / j.dir.name / "summary.json").exists() for j in jobs)
+
+
+def test_a_run_moved_aside_takes_its_load_file_and_a_new_run_starts_a_clean_one(tmp_path, monkeypatch):
+    """A rerun must not inherit the stale run's load samples, concurrent tables or modified paths
+    (they would show in the table's provenance as the rerun's)."""
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    job = reproduce.Job(spec, "smoke", spec["rows"][0], spec["seeds"][0])
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)  # not a git checkout: no file reads as modified
+    job.threads = 1
+    job.dir.mkdir(parents=True)
+    stale_state = {"load": [9.0], "tables": ["swalp"], "dirty_paths": ["README.md"], "at_once": 2}
+    job.load_file.write_text(json.dumps(stale_state))
+    reproduce.move_aside(job, "its config differs")
+    assert not job.load_file.exists()
+    (moved,) = (tmp_path / "runs" / "smoke" / ".stale").iterdir()
+    assert json.loads((moved / "load.json").read_text()) == stale_state
+    job.load_file.write_text(json.dumps(stale_state))  # an orphan, as older versions left them
+    job.note_start(at_once=1)
+    state = json.loads(job.load_file.read_text())
+    assert (state["load"], state["tables"], state["dirty_paths"]) == ([], [], [])  # none of the orphan's
+    assert (state["at_once"], state["threads"]) == (1, 1)
+    job.dir.mkdir()  # an interrupted run resumes: its own load file is kept
+    job.record_load({"other"}, at_once=1)
+    job.note_start(at_once=1)
+    assert json.loads(job.load_file.read_text())["tables"] == ["other"]
+
+
+def test_a_record_keeps_in_process_workers_weights_for_the_error_plane(tmp_path, monkeypatch):
+    import torch
+
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    spec["rows"][0]["record_weights"] = True
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "RECORDS", tmp_path / "records")
+    job = reproduce.Job(spec, "smoke", spec["rows"][0], spec["seeds"][0])
+    job.recorded = True
+    (job.dir / "checkpoints" / "e0002-final").mkdir(parents=True)
+    (job.dir / "summary.json").write_text(json.dumps({"final": {"output/acc": 0.5}}))
+    (job.dir / "checkpoints" / "latest.json").write_text(json.dumps({"tag": "e0002-final"}))
+    models = [{"w": torch.full((2,), float(k))} for k in range(2)]
+    torch.save({"model": models[0], "optimizer": {"big": torch.zeros(1000)},
+                "strategy": {"phase": "phase3", "workers": {"models": models, "optimizers": [{}, {}]}}},
+               job.dir / "checkpoints" / "e0002-final" / "rank0.pt")
+    job.save_record()
+    kept = torch.load(job.record / "checkpoints" / "e0002-final" / "rank0.pt", weights_only=False)
+    assert set(kept) == {"model", "strategy"} and set(kept["strategy"]) == {"workers"}
+    assert [torch.equal(a["w"], b["w"]) for a, b in zip(kept["strategy"]["workers"]["models"], models)] == [True] * 2
+    assert set(kept["strategy"]["workers"]) == {"models"}  # optimizer states are left out
