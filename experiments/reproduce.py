@@ -119,11 +119,11 @@ class Job:
             shutil.copy2(latest, tmp / "checkpoints" / "latest.json")
             for f in sorted((self.dir / "checkpoints" / tag).glob("rank*.pt")):
                 state = torch.load(f, map_location="cpu", weights_only=False)
-                kept = {"model": state["model"]}
                 workers = (state.get("strategy") or {}).get("workers")  # in-process workers' models
-                if workers is not None:
-                    kept["strategy"] = {"workers": {"models": workers["models"]}}
-                torch.save(kept, tmp / "checkpoints" / tag / f.name)
+                if workers is None:
+                    torch.save({"model": state["model"]}, tmp / "checkpoints" / tag / f.name)
+                for j, model in enumerate(workers["models"] if workers is not None else []):
+                    torch.save({"model": model}, tmp / "checkpoints" / tag / f"{f.stem}-worker{j}.pt")  # one a file
         shutil.rmtree(self.record, ignore_errors=True)
         tmp.rename(self.record)
 

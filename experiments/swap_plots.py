@@ -77,14 +77,18 @@ def _test_error(model, loader) -> float:
 
 def _worker_states(checkpoint: Path, count: int) -> list[dict]:
     """The first `count` phase-2 workers' weights from a SWAP checkpoint generation: rank r's model
-    with one worker per process, rank r's in-process workers (strategy state) with several."""
+    with one worker per process; with several, rank r's in-process workers (its strategy state in a
+    run's checkpoint, one file each, rank{r}-worker{j}.pt, in a record)."""
     states: list[dict] = []
     for rank in itertools.count():
-        if len(states) >= count or not (checkpoint / f"rank{rank}.pt").exists():
+        files = [checkpoint / f"rank{rank}.pt"] if (checkpoint / f"rank{rank}.pt").exists() else \
+            sorted(checkpoint.glob(f"rank{rank}-worker*.pt"), key=lambda f: int(f.stem.rpartition("worker")[2]))
+        if len(states) >= count or not files:
             break
-        ckpt = torch.load(checkpoint / f"rank{rank}.pt", map_location="cpu", weights_only=False)
-        workers = (ckpt.get("strategy") or {}).get("workers")  # a record keeps only these and "model"
-        states.extend(workers["models"] if workers is not None else [ckpt["model"]])
+        for f in files:
+            ckpt = torch.load(f, map_location="cpu", weights_only=False)
+            workers = (ckpt.get("strategy") or {}).get("workers")
+            states.extend(workers["models"] if workers is not None else [ckpt["model"]])
     if len(states) < count:
         raise ValueError(f"{checkpoint} holds {len(states)} phase-2 workers; the error plane needs {count}")
     return states[:count]

@@ -130,7 +130,10 @@ def test_a_record_keeps_in_process_workers_weights_for_the_error_plane(tmp_path,
                 "strategy": {"phase": "phase3", "workers": {"models": models, "optimizers": [{}, {}]}}},
                job.dir / "checkpoints" / "e0002-final" / "rank0.pt")
     job.save_record()
-    kept = torch.load(job.record / "checkpoints" / "e0002-final" / "rank0.pt", weights_only=False)
-    assert set(kept) == {"model", "strategy"} and set(kept["strategy"]) == {"workers"}
-    assert [torch.equal(a["w"], b["w"]) for a, b in zip(kept["strategy"]["workers"]["models"], models)] == [True] * 2
-    assert set(kept["strategy"]["workers"]) == {"models"}  # optimizer states are left out
+    kept = sorted(p.name for p in (job.record / "checkpoints" / "e0002-final").iterdir())
+    assert kept == ["rank0-worker0.pt", "rank0-worker1.pt"]  # one file a worker, optimizer states left out
+    for k in range(2):
+        state = torch.load(job.record / "checkpoints" / "e0002-final" / f"rank0-worker{k}.pt", weights_only=False)
+        assert set(state) == {"model"} and torch.equal(state["model"]["w"], models[k]["w"])
+    from experiments.swap_plots import _worker_states
+    assert [s["w"][0].item() for s in _worker_states(job.record / "checkpoints" / "e0002-final", 2)] == [0.0, 1.0]
