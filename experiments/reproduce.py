@@ -122,8 +122,9 @@ class Job:
                 workers = (state.get("strategy") or {}).get("workers")  # in-process workers' models
                 if workers is None:
                     torch.save({"model": state["model"]}, tmp / "checkpoints" / tag / f.name)
-                for j, model in enumerate(workers["models"] if workers is not None else []):
-                    torch.save({"model": model}, tmp / "checkpoints" / tag / f"{f.stem}-worker{j}.pt")  # one a file
+                else:  # one file a worker
+                    for j, model in enumerate(workers["models"]):
+                        torch.save({"model": model}, tmp / "checkpoints" / tag / f"{f.stem}-worker{j}.pt")
         shutil.rmtree(self.record, ignore_errors=True)
         tmp.rename(self.record)
 
