@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from swa_lib.run_log import library_versions, machine_description
+from swa_lib.run_log import library_versions, machine_description, run_commits
 
 
 def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float, at_once: int, threads: int,
@@ -15,7 +15,7 @@ def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float,
     """The provenance lines of a table: command, wall time, commits, machines, dates, sharing, data."""
     infos = [json.loads((dir_of(label, seed) / "run_info.json").read_text())
              for label, seed in summaries]
-    commits = sorted({i["git_commit"] for i in infos})
+    commits = sorted({c for i in infos for c in run_commits(i)})  # a resumed run: every start's
     machines: dict[str, int] = {}
     for i in infos:
         cpu = i.get("numerics", {}).get("cpu", {})

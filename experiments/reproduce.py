@@ -49,6 +49,7 @@ from experiments import reuse, tables  # noqa: E402
 from experiments import summary as summary_page  # noqa: E402
 from experiments.provenance import Sharing, provenance  # noqa: E402
 from swa_lib.config import ConfigError, load_config  # noqa: E402
+from swa_lib.run_log import run_commits  # noqa: E402
 from swa_lib.workload import model_names  # noqa: E402
 
 SPECS = ROOT / "configs" / "reproduce"
@@ -341,8 +342,8 @@ def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = Fals
     table_s = table_wall_s(name, summaries, at_once)
     lines = provenance(spec, name, lambda label, seed: RUNS / name / run_dir_name(label, seed), summaries, elapsed,
                        at_once, threads, sharing, table_s)
-    commits = {json.loads((RUNS / name / run_dir_name(*key) / "run_info.json").read_text())["git_commit"]
-               for key in summaries}
+    commits = {c for key in summaries
+               for c in run_commits(json.loads((RUNS / name / run_dir_name(*key) / "run_info.json").read_text()))}
     lines[3:3] = reuse.neutral_lines(commits, {row.get("entry", spec["entry"]) for row in spec["rows"]})
     markdown, numbers = tables.render(spec, summaries, lines, make_plots(spec, name, summaries))
     numbers.update(spec=name, output=spec["output"], elapsed_s=elapsed,

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from swa_lib.config import IDENTITY_NEUTRAL, Config, flatten, to_dict
+from swa_lib.run_log import run_commits
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_PATHS = ("swa_lib", "models", "data")
@@ -42,10 +43,12 @@ def run_mismatch(run_dir: Path, want: Config, entry: str, load_state: dict) -> s
     """Why the run in `run_dir` (a run directory or its record) cannot be reused, or None if it can."""
     try:
         had = yaml.safe_load((run_dir / "config.yaml").read_text())
-        commit = json.loads((run_dir / "run_info.json").read_text())["git_commit"]
+        commits = run_commits(json.loads((run_dir / "run_info.json").read_text()))
     except (OSError, ValueError, KeyError):
         return "it has no readable config.yaml / run_info.json"
-    return config_mismatch(had, want) or code_mismatch(commit, entry, load_state.get("dirty_paths"))
+    # A resumed run is reusable only if the code of every start is HEAD's.
+    return config_mismatch(had, want) or next(
+        filter(None, (code_mismatch(c, entry, load_state.get("dirty_paths")) for c in dict.fromkeys(commits))), None)
 
 
 def config_mismatch(had: dict | None, want: Config) -> str | None:

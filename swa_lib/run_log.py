@@ -2,7 +2,9 @@
 
 Rank 0 writes, into the run directory:
   run_info.json   resolved config, command line, git commit, library versions, world size,
-                  and what the run's bits depend on (CPU and its kernels, threads, torch build)
+                  and what the run's bits depend on (CPU and its kernels, threads, torch build);
+                  a run directory started again (a resume) keeps the earlier starts' commits,
+                  dates and machines under "earlier_starts", oldest first
   config.yaml     the resolved config, loadable again with --config
   metrics.jsonl   every logged scalar, one JSON object per line (easy to aggregate)
   tb/             the same scalars and the run's hparams for TensorBoard
@@ -47,6 +49,20 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("SWA_GIT_COMMIT", "unknown")
+
+
+def run_commits(info: dict) -> list[str]:
+    """The commits a run directory's code came from, one per start, oldest first (run_info.json)."""
+    return [*(s["git_commit"] for s in info.get("earlier_starts", [])), info["git_commit"]]
+
+
+def _earlier_starts(run_info: Path) -> list[dict]:
+    """The starts recorded in an existing run_info.json (a resumed run), oldest first."""
+    try:
+        old = json.loads(run_info.read_text())
+    except (OSError, ValueError):
+        return []
+    return [*old.get("earlier_starts", []), {k: old.get(k) for k in ("git_commit", "started", "machine")}]
 
 
 def library_versions() -> dict:
@@ -146,6 +162,9 @@ class RunLogger:
             "numerics": numerics_record(),  # what bitwise reproducibility depends on (README)
             "started": dt.datetime.now().isoformat(timespec="seconds"),
         }
+        earlier = _earlier_starts(self.run_dir / "run_info.json")
+        if earlier:  # a resumed run: its earlier epochs ran from these commits
+            info["earlier_starts"] = earlier
         atomic_write_text(json.dumps(info, indent=2, default=str), self.run_dir / "run_info.json")
         atomic_write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), self.run_dir / "config.yaml")
         self.writer = SummaryWriter(str(self.run_dir / "tb"))

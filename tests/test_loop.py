@@ -14,6 +14,7 @@ from swa_lib.averaging import update_bn_
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import ConfigError, load_config
+from swa_lib.run_log import run_commits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +36,14 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     first = make(tmp_path, "resumed", "run.stop_after_epochs=1")
     first.fit()
     assert first.ctx.epoch == 1
+    info = tmp_path / "resumed" / "run_info.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "git_commit": "0ld"}))  # as if from an older commit
     second = make(tmp_path, "resumed")  # fresh objects, as after a kill
     second.fit()
+    # run_info.json keeps the first start's commit: the reproduce harness reuses a run only if every
+    # start's code is HEAD's (tests/test_reproduce.py), and a table names all of them.
+    assert run_commits(json.loads(info.read_text())) == ["0ld", json.loads(info.read_text())["git_commit"]]
+    assert "earlier_starts" not in json.loads((tmp_path / "straight" / "run_info.json").read_text())
     assert second.ctx.step == straight.ctx.step
     for (name, a), b in zip(straight.ctx.model.state_dict().items(),
                             second.ctx.model.state_dict().values(), strict=True):

@@ -18,9 +18,10 @@ def _lines(tmp_path, runs: dict, elapsed_s: float) -> str:
     for seed, (commit, started, state) in runs.items():
         run = tmp_path / f"A-s{seed}"
         run.mkdir()
+        *earlier, commit = commit.split("+")  # "a+b": started at a, resumed at b
         (run / "run_info.json").write_text(json.dumps({
             "git_commit": commit, "started": started.isoformat(timespec="seconds"), "machine": "vm",
-            "config": {"run": {"precision": "fp32"}}}))
+            "config": {"run": {"precision": "fp32"}}, "earlier_starts": [{"git_commit": c} for c in earlier]}))
         if state is not None:
             (tmp_path / f"A-s{seed}.load.json").write_text(json.dumps({"load": [1.0], "tables": [], **state}))
         summaries[("A", seed)] = {"final": {"wall_s": 10.0}, "train_images": 50000, "eval_images": 10000}
@@ -50,3 +51,9 @@ def test_the_dirty_commit_names_what_was_modified_and_dates_say_which_runs_are_o
                   elapsed_s=2 * 86400)
     assert "trained before this invocation" not in text and "restored from" not in text, text
     assert "'-dirty': tracked files modified when those runs started: not recorded for every run" in text, text
+
+
+def test_a_resumed_run_names_the_commit_of_every_start(tmp_path):
+    now = dt.datetime.now()
+    text = _lines(tmp_path, {0: ("abc+def", now, None), 1: ("def", now, None)}, elapsed_s=600)
+    assert "- commit(s) of the runs: `abc`, `def`" in text, text

@@ -225,6 +225,11 @@ def test_reuse_survives_only_commits_declared_result_neutral(tmp_path, monkeypat
     assert job.mismatch() is None  # every commit since `base` on HEAD's history is declared
     (job.dir / "run_info.json").write_text(json.dumps({"git_commit": side}))
     assert job.mismatch() == f"the code changed since its commit {side[:10]} (swa_lib, models, data, {job.entry})"
+    # A run resumed at HEAD after starting on `side`: the earlier start's code counts too.
+    (job.dir / "run_info.json").write_text(json.dumps({"git_commit": real, "earlier_starts": [{"git_commit": side}]}))
+    assert job.mismatch() == f"the code changed since its commit {side[:10]} (swa_lib, models, data, {job.entry})"
+    (job.dir / "run_info.json").write_text(json.dumps({"git_commit": real, "earlier_starts": [{"git_commit": base}]}))
+    assert job.mismatch() is None
 
 
 def test_jobs_go_seed_by_seed():
