@@ -28,7 +28,8 @@ from swa_lib.config import load_config  # noqa: E402
 from swa_lib.methods.base import DataShard  # noqa: E402
 from swa_lib.workload import Workload  # noqa: E402
 
-COLORS = {"SB": "tab:blue", "LB": "tab:orange", "SWAP": "tab:green", "SWAP long phase 2": "tab:purple"}
+COLORS = {"SB": "tab:blue", "LB": "tab:orange", "SWAP": "tab:green", "SWAP long phase 2": "tab:purple",
+          "SWAP phase 1 to its cap (ablation)": "tab:olive"}
 
 
 def _run_dir(run_base: Path, label: str, seed: int) -> Path:
