@@ -99,16 +99,23 @@ class Sharing:
         self.active.mkdir(parents=True, exist_ok=True)
         self.mine = self.active / f"{name}.{os.getpid()}"  # name.pid; a dead pid's file is ignored
         self.mine.write_text(name)
-        self.others: set[str] = set()
+        self.others: set[str] = set()  # every other table seen during this invocation
+        self.current: set[str] = set()  # those seen at the latest sample
         self.loads: list[float] = []  # sampled only while runs train: an invocation that trains none adds nothing
 
-    def sample(self) -> None:
+    def sample(self, running=()) -> None:
+        """One load sample, and the tables running now; each running job (reproduce.Job) adds them to
+        its own `seen`, so a run names only the tables that ran while it trained."""
         self.loads.append(os.getloadavg()[0])
         self.loads = self.loads[-10000:]
+        self.current = set()
         for f in self.active.iterdir():
             pid = int(f.suffix[1:]) if f.suffix[1:].isdigit() else None
             if f != self.mine and pid and Path(f"/proc/{pid}").exists():
-                self.others.add(f.read_text())
+                self.current.add(f.read_text())
+        self.others |= self.current
+        for job in running:
+            job.seen |= self.current
 
     def close(self) -> None:
         self.mine.unlink(missing_ok=True)

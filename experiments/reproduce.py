@@ -87,6 +87,7 @@ class Job:
         self.overrides = [f"run.seed={seed}", "run.progress=false", *row.get("overrides", [])]
         self.config = load_config(ROOT / row["config"], self.overrides, model_names=model_names())
         self.cost = self.config.schedule.epochs * row.get("cost_factor", 1.0)  # for the ETA only
+        self.seen: set[str] = set()  # other tables seen running while this run trained, this invocation
 
     @property
     def finished(self) -> bool:
@@ -147,11 +148,11 @@ class Job:
         """The run's load file: load samples, concurrent tables, layout, modified paths at its starts."""
         return json.loads(self.load_file.read_text()) if self.load_file.exists() else {"load": [], "tables": []}
 
-    def record_load(self, others: set[str], at_once: int) -> None:
+    def record_load(self, at_once: int) -> None:
         state = self.load_state()
         state.update(at_once=at_once, threads=self.threads)
         state["load"].append(round(os.getloadavg()[0], 2))
-        state["tables"] = sorted(set(state["tables"]) | others)
+        state["tables"] = sorted(set(state["tables"]) | self.seen)
         self.load_file.write_text(json.dumps(state))
 
     def note_start(self, at_once: int) -> None:
@@ -261,16 +262,17 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
         while queue and len(running) < at_once:
             job = queue.pop(0)
             running[job] = job.start(threads, at_once)
-            sharing.sample()
+            sharing.sample(running)
         time.sleep(2)
-        sharing.sample()
+        sharing.sample(running)
         for job, proc in list(running.items()):
-            if len(sharing.loads) % 15 == 0:  # about every 30 s: what shared the cores with this run
-                job.record_load(sharing.others, at_once)
-            if proc.poll() is None:
+            done = proc.poll() is not None
+            if done or len(sharing.loads) % 15 == 0:  # about every 30 s and at its end: what shared its cores
+                job.record_load(at_once)
+            if not done:
                 continue
             del running[job]
-            sharing.sample()
+            sharing.sample(running)
             if proc.returncode != 0 or not job.finished:
                 stop_runs(running, signal.SIGTERM)  # they checkpoint; the next invocation resumes them
                 tail = job.log.read_text().splitlines()[-15:]

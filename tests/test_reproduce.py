@@ -256,6 +256,32 @@ def test_an_invocation_that_trains_nothing_adds_nothing_to_what_shared_the_cores
         sharing.close()
 
 
+def test_a_run_names_only_the_tables_that_ran_while_it_trained(tmp_path, monkeypatch):
+    """A table seen beside an early run is not in a later run's load file once it has ended
+    (the invocation's own list keeps it); before, every later run inherited it."""
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setenv("SWA_REPRODUCE_ACTIVE", str(tmp_path / "active"))
+    (tmp_path / "active").mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    (tmp_path / "active" / f"other_table.{other.pid}").write_text("other_table")
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    early, late = reproduce.all_jobs(spec, "smoke")[:2]
+    sharing = reproduce.Sharing("smoke")
+    try:
+        sharing.sample([early])
+        other.kill()
+        other.wait()
+        sharing.sample([early, late])
+    finally:
+        sharing.close()
+    assert sharing.others == {"other_table"} and sharing.current == set()
+    for job in (early, late):
+        job.dir.parent.mkdir(parents=True, exist_ok=True)
+        job.threads = 1
+        job.record_load(at_once=2)
+    assert early.load_state()["tables"] == ["other_table"] and late.load_state()["tables"] == []
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_stopped_reproduce_lets_its_runs_checkpoint(tmp_path, processes):

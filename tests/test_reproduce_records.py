@@ -108,7 +108,8 @@ def test_a_run_moved_aside_takes_its_load_file_and_a_new_run_starts_a_clean_one(
     assert (state["load"], state["tables"], state["dirty_paths"]) == ([], [], [])  # none of the orphan's
     assert (state["at_once"], state["threads"]) == (1, 1)
     job.dir.mkdir()  # an interrupted run resumes: its own load file is kept
-    job.record_load({"other"}, at_once=1)
+    job.seen = {"other"}
+    job.record_load(at_once=1)
     job.note_start(at_once=1)
     assert json.loads(job.load_file.read_text())["tables"] == ["other"]
 
