@@ -154,20 +154,16 @@ def error_plane(spec, summaries, run_base, results_dir, seed=None, grid=7, margi
 
 
 def _phase_steps(summary: dict) -> dict[str, int]:
-    """Optimizer steps per phase, from the evaluation history (every phase switch is evaluated)."""
-    ends: dict[str, int] = {}
+    """Optimizer steps per phase, from the evaluation history. Every phase switch is evaluated, and
+    that entry carries the phase *after* the switch, so a phase starts at the step of its first
+    entry (the first phase at 0) and ends where the next one starts, or at the run's last step.
+    Phase 3 (the average) takes no step and is left out."""
+    first: dict[str, int] = {}
     for h in summary["history"]:
-        ends[h["phase"]] = h["step"]
-    phases = sorted(ends, key=lambda p: ends[p])
-    if "phase3" in ends:  # phase 3 takes no step: its evaluation closes phase 2
-        phases.remove("phase3")
-    out, before = {}, 0
-    for phase in phases:  # an entry's phase is the phase *after* the switch it records
-        out[phase] = ends[phase] - before if phase != phases[0] else ends[phase]
-        before = ends[phase]
-    if "phase2" in out and "phase1" not in out:
-        out = {"phase1": summary["steps"], **out}
-    return out
+        first.setdefault(h["phase"], h["step"])
+    phases = sorted(first, key=lambda p: first[p])
+    ends = [first[p] for p in phases[1:]] + [summary["steps"]]
+    return {p: end - (first[p] if i else 0) for i, (p, end) in enumerate(zip(phases, ends)) if p != "phase3"}
 
 
 def models_per_process(summary: dict) -> int:

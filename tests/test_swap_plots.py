@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.swap_plots import _worker_states, modelled_train_s, models_per_process
+from experiments.swap_plots import _phase_steps, _worker_states, modelled_train_s, models_per_process
 from swa_lib.cli import build_trainer
 from swa_lib.comm import init_comm
 from swa_lib.config import load_config
@@ -26,6 +26,18 @@ def test_in_process_workers_count_as_parallel_in_the_model():
     assert modelled_train_s(swap, processes=2, cores=2) == pytest.approx(expected)
     # 2 processes sharing 1 core: every phase at half speed, so the model halves it again.
     assert modelled_train_s(swap, processes=2, cores=1) == pytest.approx(expected / 2)
+
+
+def test_steps_per_phase_split_at_the_evaluated_phase_switches():
+    """Phase 1 of 8 epochs of 24 steps, then 3 epochs of 390 steps a worker, with evaluations every
+    2 epochs inside both phases (the SWAP table's seed-0 run): each entry names the phase after it."""
+    swap = json.loads((RECORDS.parent / "swap" / "SWAP-s0" / "summary.json").read_text())
+    assert [(h["step"], h["phase"]) for h in swap["history"]] == [
+        (48, "phase1"), (96, "phase1"), (144, "phase1"), (192, "phase2"), (972, "phase2"), (1362, "phase3")]
+    assert _phase_steps(swap) == {"phase1": 8 * 24, "phase2": 3 * 390}
+    assert sum(_phase_steps(swap).values()) == swap["steps"]  # the critical path
+    sb = summary("SB 2 x 64 12 ep-s0")
+    assert _phase_steps(sb) == {"train": sb["steps"]}
 
 
 def test_plain_data_parallel_runs_are_their_measured_seconds_with_a_core_each():
