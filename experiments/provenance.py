@@ -46,8 +46,10 @@ def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float,
     others = ", ".join(sorted(others - {name})) or "none"
     layout = " / ".join(f"{a} run(s) at a time, {t} thread(s) per process" for a, t in sorted(layouts))
     run_s = sum(s["final"]["wall_s"] for s in summaries.values())
-    return [f"- command: `./run.sh reproduce {name}` (this invocation: {elapsed_s / 60:.1f} min; runs reused from "
-            f"earlier invocations keep their own wall times)",
+    invocation = (f"this invocation: {elapsed_s / 60:.1f} min; runs reused from earlier invocations keep their "
+                  f"own wall times" if earlier < len(infos) else "this invocation trained no run: the table was "
+                  "written from runs finished earlier, whose wall times follow")
+    return [f"- command: `./run.sh reproduce {name}` ({invocation})",
             f"- wall time of the table: {table_s / 3600:.2f} h (each run's wall "
             f"time divided by the runs that shared the cores with it; the runs' own wall times sum to "
             f"{run_s / 3600:.2f} h)",

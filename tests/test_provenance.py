@@ -57,3 +57,13 @@ def test_a_resumed_run_names_the_commit_of_every_start(tmp_path):
     now = dt.datetime.now()
     text = _lines(tmp_path, {0: ("abc+def", now, None), 1: ("def", now, None)}, elapsed_s=600)
     assert "- commit(s) of the runs: `abc`, `def`" in text, text
+
+
+def test_an_invocation_that_trained_nothing_says_so_instead_of_its_minutes(tmp_path):
+    long_ago = dt.datetime.now() - dt.timedelta(days=1)
+    text = _lines(tmp_path, {0: ("abc", long_ago, None)}, elapsed_s=120)
+    assert "(this invocation trained no run: the table was written from runs finished earlier" in text, text
+    assert "this invocation: 2.0 min" not in text
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert "(this invocation: 2.0 min; " in _lines(fresh, {0: ("abc", dt.datetime.now(), None)}, elapsed_s=120)
