@@ -157,10 +157,13 @@ def _phase_steps(summary: dict) -> dict[str, int]:
     """Optimizer steps per phase, from the evaluation history. Every phase switch is evaluated, and
     that entry carries the phase *after* the switch, so a phase starts at the step of its first
     entry (the first phase at 0) and ends where the next one starts, or at the run's last step.
-    Phase 3 (the average) takes no step and is left out."""
+    Phase 3 (the average) takes no step and is left out; a phase 1 never evaluated before its
+    switch (a sparse evaluation schedule) has no entry of its own and starts at 0."""
     first: dict[str, int] = {}
     for h in summary["history"]:
         first.setdefault(h["phase"], h["step"])
+    if "phase2" in first and "phase1" not in first:
+        first["phase1"] = 0
     phases = sorted(first, key=lambda p: first[p])
     ends = [first[p] for p in phases[1:]] + [summary["steps"]]
     return {p: end - (first[p] if i else 0) for i, (p, end) in enumerate(zip(phases, ends)) if p != "phase3"}

@@ -36,6 +36,8 @@ def test_steps_per_phase_split_at_the_evaluated_phase_switches():
         (48, "phase1"), (96, "phase1"), (144, "phase1"), (192, "phase2"), (972, "phase2"), (1362, "phase3")]
     assert _phase_steps(swap) == {"phase1": 8 * 24, "phase2": 3 * 390}
     assert sum(_phase_steps(swap).values()) == swap["steps"]  # the critical path
+    sparse = {**swap, "history": [h for h in swap["history"] if h["phase"] != "phase1"]}  # no phase-1 evaluation
+    assert _phase_steps(sparse) == {"phase1": 8 * 24, "phase2": 3 * 390}
     sb = summary("SB 2 x 64 12 ep-s0")
     assert _phase_steps(sb) == {"train": sb["steps"]}
 
