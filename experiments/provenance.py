@@ -45,12 +45,13 @@ def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float,
                 layouts.add((state["at_once"], state["threads"]))
     others = ", ".join(sorted(others - {name})) or "none"
     layout = " / ".join(f"{a} run(s) at a time, {t} thread(s) per process" for a, t in sorted(layouts))
-    run_s = sum(s["final"]["wall_s"] for s in summaries.values())
+    borrowed = {r["label"]: r["from_table"] for r in spec["rows"] if "from_table" in r}  # tables.load_spec
+    run_s = sum(s["final"]["wall_s"] for (label, _), s in summaries.items() if label not in borrowed)
     invocation = (f"this invocation: {elapsed_s / 60:.1f} min; runs reused from earlier invocations keep their "
                   f"own wall times" if earlier < len(infos) else "this invocation trained no run: the table was "
                   "written from runs finished earlier, whose wall times follow")
     return [f"- command: `./run.sh reproduce {name}` ({invocation})",
-            f"- wall time of the table: {table_s / 3600:.2f} h (each run's wall "
+            f"- wall time of the table: {table_s / 3600:.2f} h ({'its own runs; ' if borrowed else ''}each run's wall "
             f"time divided by the runs that shared the cores with it; the runs' own wall times sum to "
             f"{run_s / 3600:.2f} h)",
             f"- commit(s) of the runs: {', '.join(f'`{c}`' for c in commits)}" + (
@@ -75,8 +76,20 @@ def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float,
             f"- table spec: `configs/reproduce/{name}.yaml`; configs: "
             + ", ".join(f"`{r['config']}`" + (f" + `{' '.join(r['overrides'])}`" if r.get("overrides") else "")
                         for r in spec["rows"]),
+            *(["- rows taken from other tables (their runs, reused; their wall time counts there, not in this "
+               "table's): " + "; ".join(f"{', '.join(labels)} from `{t}` (`./run.sh reproduce {t}`)"
+                                         for t, labels in _by_table(borrowed).items())] if borrowed else []),
             f"- run directories with TensorBoard logs: `runs/reproduce/{name}/` "
-            f"(`./run.sh tensorboard runs/reproduce/{name}`)"]
+            + "".join(f"and `runs/reproduce/{t}/` " for t in _by_table(borrowed))
+            + f"(`./run.sh tensorboard runs/reproduce/{name}`)"]
+
+
+def _by_table(borrowed: dict[str, str]) -> dict[str, list[str]]:
+    """{table: [row labels]} of the rows taken from other tables."""
+    out: dict[str, list[str]] = {}
+    for label, table in borrowed.items():
+        out.setdefault(table, []).append(label)
+    return out
 
 
 def _grouped(paths: set[str] | None) -> str:
@@ -110,14 +123,19 @@ class Sharing:
         its own `seen`, so a run names only the tables that ran while it trained."""
         self.loads.append(os.getloadavg()[0])
         self.loads = self.loads[-10000:]
-        self.current = set()
-        for f in self.active.iterdir():
-            pid = int(f.suffix[1:]) if f.suffix[1:].isdigit() else None
-            if f != self.mine and pid and Path(f"/proc/{pid}").exists():
-                self.current.add(f.read_text())
+        self.current = self.running_tables()
         self.others |= self.current
         for job in running:
             job.seen |= self.current
+
+    def running_tables(self) -> set[str]:
+        """The tables other `reproduce` processes are running now (records nothing)."""
+        tables = set()
+        for f in self.active.iterdir():
+            pid = int(f.suffix[1:]) if f.suffix[1:].isdigit() else None
+            if f != self.mine and pid and Path(f"/proc/{pid}").exists():
+                tables.add(f.read_text())
+        return tables
 
     def close(self) -> None:
         self.mine.unlink(missing_ok=True)

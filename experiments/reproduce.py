@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,11 +76,13 @@ class Job:
 
     def __init__(self, spec: dict, name: str, row: dict, seed: int):
         self.row, self.seed, self.label = row, seed, row["label"]
-        self.dir = RUNS / name / run_dir_name(self.label, seed)
-        self.record = RECORDS / name / run_dir_name(self.label, seed)
+        self.table = row.get("from_table", name)  # whose run this is (tables.load_spec)
+        self.dir = RUNS / self.table / run_dir_name(self.label, seed)
+        self.record = RECORDS / self.table / run_dir_name(self.label, seed)
         self.recorded = spec["output"].startswith("results/")  # smoke tables (under runs/) leave no record
         # The figures that need weights (swap_plots.error_plane) read the first seed's only.
-        self.keep_weights = bool(row.get("record_weights")) and seed == row.get("seeds", spec["seeds"])[0]
+        self.keep_weights = bool(row.get("record_weights")) and seed == row.get(
+            "weights_seed", row.get("seeds", spec["seeds"])[0])
         self.entry = row.get("entry", spec["entry"])
         self.processes = row.get("processes", spec.get("processes", 1))
         self.overrides = [f"run.seed={seed}", "run.progress=false", *row.get("overrides", [])]
@@ -238,6 +239,11 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
             todo.append(job)
         elif not (job.record / "summary.json").exists():
             job.save_record()  # finished while an earlier invocation was being stopped, before it could record it
+    owners = {j.table for j in todo if j.table != name} & sharing.running_tables()
+    if owners:  # the same run directory trained twice at once would corrupt it
+        sys.exit(f"reproduce {name}: rows {', '.join(sorted({j.label for j in todo if j.table in owners}))} are "
+                 f"the runs of table(s) {', '.join(sorted(owners))}, which are running now and will train them; "
+                 f"run this table again when they end")
     cores = len(os.sched_getaffinity(0))
     width = max(j.processes for j in todo) if todo else 1
     at_once = jobs_at_once or max(1, cores // width)
@@ -330,7 +336,7 @@ def finished_runs(spec: dict, name: str) -> dict:
 
 
 def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = False) -> Path:
-    spec = yaml.safe_load((SPECS / f"{name}.yaml").read_text())
+    spec = tables.load_spec(name, SPECS)
     start = time.perf_counter()
     sharing = Sharing(name)
     try:
@@ -341,11 +347,12 @@ def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = Fals
     finally:
         sharing.close()
     elapsed = time.perf_counter() - start
-    table_s = table_wall_s(name, summaries, at_once)
-    lines = provenance(spec, name, lambda label, seed: RUNS / name / run_dir_name(label, seed), summaries, elapsed,
+    runs = {(j.label, j.seed): j for j in all_jobs(spec, name)}
+    # Rows from another table (tables.load_spec) count in that table's time, not in this one's.
+    table_s = table_wall_s(name, {k: v for k, v in summaries.items() if runs[k].table == name}, at_once)
+    lines = provenance(spec, name, lambda label, seed: runs[(label, seed)].dir, summaries, elapsed,
                        at_once, threads, sharing, table_s)
-    commits = {c for key in summaries
-               for c in run_commits(json.loads((RUNS / name / run_dir_name(*key) / "run_info.json").read_text()))}
+    commits = {c for key in summaries for c in run_commits(json.loads((runs[key].dir / "run_info.json").read_text()))}
     lines[3:3] = reuse.neutral_lines(commits, {row.get("entry", spec["entry"]) for row in spec["rows"]})
     markdown, numbers = tables.render(spec, summaries, lines, make_plots(spec, name, summaries))
     numbers.update(spec=name, output=spec["output"], elapsed_s=elapsed,
@@ -361,7 +368,7 @@ def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = Fals
 
 def out_of_date(name: str) -> list[str]:
     """Why this checkout would not reuse each recorded run of a table (empty: all reusable)."""
-    jobs = all_jobs(yaml.safe_load((SPECS / f"{name}.yaml").read_text()), name)
+    jobs = all_jobs(tables.load_spec(name, SPECS), name)
     return [why for job in jobs if (job.record / "summary.json").exists() and (why := job.record_mismatch())]
 
 
@@ -389,6 +396,9 @@ def main() -> int:
             reproduce(name, args.jobs, args.fresh, args.render_only)
     except ConfigError as err:
         print(f"reproduce: a row's config is invalid: {err}", file=sys.stderr)
+        return 2
+    except tables.SpecError as err:
+        print(f"reproduce: {err}", file=sys.stderr)
         return 2
     if args.table in ("all", "summary"):
         stale = {name: out_of_date(name) for name in headline_specs()}

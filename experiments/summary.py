@@ -54,7 +54,7 @@ def claim_rows(root: Path, spec_names: list[str]) -> tuple[list[str], float, lis
     for name in spec_names:
         spec = yaml.safe_load((root / "configs" / "reproduce" / f"{name}.yaml").read_text())
         numbers_path = (root / spec["output"]).with_suffix(".json")
-        runs = sum(len(row.get("seeds", spec["seeds"])) for row in spec["rows"])
+        runs = sum(len(row.get("seeds", spec["seeds"])) for row in spec["rows"] if "from_table" not in row)  # its own
         records = root / "results" / "run_records" / name
         done = sum(1 for p in records.glob("*/summary.json")) if records.is_dir() else 0
         recorded = f"{done} of its {runs} runs recorded in {records.relative_to(root)}/; " if done else ""

@@ -12,12 +12,52 @@ A table spec (configs/reproduce/<name>.yaml) refers to numbers with *refs*:
 
 Accuracies are reported in percent, or as test error in percent with `report: error`.
 Every difference is paired: the same seed's runs.
+
+A row may be another table's runs: `{label: LB, from_table: swap}` takes the row of that label
+from configs/reproduce/swap.yaml, runs and all (an ablation table compares against the main
+table's baseline without training it twice, so each table keeps its own time budget).
 """
 from __future__ import annotations
 
 import json
 import statistics
 from pathlib import Path
+
+import yaml
+
+SPECS = Path(__file__).resolve().parents[1] / "configs" / "reproduce"
+
+
+class SpecError(ValueError):
+    """A table spec that cannot be used as written (the message names the spec and the row)."""
+
+
+def load_spec(name: str, specs: Path = SPECS) -> dict:
+    """configs/reproduce/<name>.yaml with every `from_table` row replaced by the row it names
+    (its config, overrides, entry, processes), marked with the table whose runs it is."""
+    spec = yaml.safe_load((specs / f"{name}.yaml").read_text())
+    rows = []
+    for row in spec["rows"]:
+        owner = row.get("from_table")
+        if owner is None:
+            rows.append(row)
+            continue
+        if not (specs / f"{owner}.yaml").exists():
+            raise SpecError(f"{name}.yaml: row {row['label']!r} is from table {owner!r}, which has no spec")
+        other = yaml.safe_load((specs / f"{owner}.yaml").read_text())
+        theirs = next((r for r in other["rows"] if r["label"] == row["label"]), None)
+        if theirs is None or "from_table" in theirs:
+            raise SpecError(f"{name}.yaml: table {owner!r} has no row {row['label']!r} of its own to take "
+                            f"(its rows: {', '.join(r['label'] for r in other['rows'])})")
+        seeds, have = row.get("seeds", spec["seeds"]), theirs.get("seeds", other["seeds"])
+        if set(seeds) - set(have):
+            raise SpecError(f"{name}.yaml: row {row['label']!r} asks for seeds {seeds}; table {owner!r} "
+                            f"runs it with {have}")
+        keep = {k: v for k, v in theirs.items() if k != "seeds"} | {k: v for k, v in row.items() if k == "seeds"}
+        keep.update(entry=theirs.get("entry", other["entry"]), from_table=owner, weights_seed=have[0],
+                    processes=theirs.get("processes", other.get("processes", 1)))  # weights: the owner's figures
+        rows.append(keep)
+    return dict(spec, rows=rows)
 
 
 def mean_std(values: list[float | None], fmt: str = "{:.2f}") -> str:
