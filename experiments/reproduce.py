@@ -7,7 +7,9 @@
     python experiments/reproduce.py swap --jobs 2 --fresh
 
 A table spec (configs/reproduce/<name>.yaml) lists rows (label, config, overrides), seeds,
-processes per run, paired differences and the claims it tests (experiments/tables.py).
+processes per run, paired differences and the claims it tests (experiments/tables.py). A row
+`{label: LB, from_table: swap}` is another table's runs: an ablation table compares against the
+main table's baseline without training it twice, and its wall time counts only its own runs.
 
 Runs live in runs/reproduce/<name>/<label>-s<seed>/ and are kept between invocations:
 - a finished run is reused when its config and code match this checkout (the rule, with
@@ -373,7 +375,10 @@ def out_of_date(name: str) -> list[str]:
 
 
 def headline_specs() -> list[str]:
-    return sorted(p.stem for p in SPECS.glob("*.yaml") if not p.stem.startswith(("pilot_", "smoke_")))
+    """The tables of `all`, those that take rows from other tables (from_table) after the rest."""
+    names = [p.stem for p in SPECS.glob("*.yaml") if not p.stem.startswith(("pilot_", "smoke_"))]
+    borrows = {n: any("from_table" in r for r in tables.load_spec(n, SPECS)["rows"]) for n in names}
+    return sorted(names, key=lambda n: (borrows[n], n))
 
 
 def main() -> int:
@@ -402,7 +407,8 @@ def main() -> int:
         return 2
     if args.table in ("all", "summary"):
         stale = {name: out_of_date(name) for name in headline_specs()}
-        print(f"wrote {summary_page.write(ROOT, headline_specs(), stale).relative_to(ROOT)}")
+        # By name, so an ablation's claims follow those of the table it tests.
+        print(f"wrote {summary_page.write(ROOT, sorted(headline_specs()), stale).relative_to(ROOT)}")
     return 0
 
 

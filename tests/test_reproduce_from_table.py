@@ -128,3 +128,9 @@ def test_a_row_from_a_table_running_now_is_not_trained_twice(tmp_path, monkeypat
     assert str(stop.value) == ("reproduce ablation: rows SGD are the runs of table(s) main, which are running now "
                                "and will train them; run this table again when they end")
     assert not (tmp_path / "runs" / "ablation").exists()  # nothing started
+
+
+def test_all_runs_a_table_before_the_tables_that_take_its_rows(tmp_path, monkeypatch):
+    _specs(tmp_path, [{"label": "SGD", "from_table": "main"}, SWA_LATE])
+    monkeypatch.setattr(reproduce, "SPECS", tmp_path / "configs" / "reproduce")
+    assert reproduce.headline_specs() == ["main", "ablation"]  # not by name: "ablation" would train main's runs
