@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from experiments.reuse import neutral_lines
 from swa_lib.run_log import library_versions, machine_description, run_commits
 
 
@@ -57,6 +58,7 @@ def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float,
             f"- commit(s) of the runs: {', '.join(f'`{c}`' for c in commits)}" + (
                 f" ('-dirty': tracked files modified when those runs started: {_grouped(dirty)})"
                 if any(c.endswith("-dirty") for c in commits) else ""),
+            *neutral_lines(set(commits), {row.get("entry", spec.get("entry")) for row in spec["rows"]} - {None}),
             "- machine(s) of the runs: " + "; ".join(
                 f"{m} ({n} run(s))" for m, n in sorted(machines.items())),
             f"- run dates: {min(dates)} to {max(dates)}" + (

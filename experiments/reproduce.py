@@ -50,7 +50,6 @@ from experiments import reuse, tables  # noqa: E402
 from experiments import summary as summary_page  # noqa: E402
 from experiments.provenance import Sharing, provenance  # noqa: E402
 from swa_lib.config import ConfigError, load_config  # noqa: E402
-from swa_lib.run_log import run_commits  # noqa: E402
 from swa_lib.workload import model_names  # noqa: E402
 
 SPECS = ROOT / "configs" / "reproduce"
@@ -354,8 +353,6 @@ def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = Fals
     table_s = table_wall_s(name, {k: v for k, v in summaries.items() if runs[k].table == name}, at_once)
     lines = provenance(spec, name, lambda label, seed: runs[(label, seed)].dir, summaries, elapsed,
                        at_once, threads, sharing, table_s)
-    commits = {c for key in summaries for c in run_commits(json.loads((runs[key].dir / "run_info.json").read_text()))}
-    lines[3:3] = reuse.neutral_lines(commits, {row.get("entry", spec["entry"]) for row in spec["rows"]})
     markdown, numbers = tables.render(spec, summaries, lines, make_plots(spec, name, summaries))
     numbers.update(spec=name, output=spec["output"], elapsed_s=elapsed,
                    run_wall_s=sum(s["final"]["wall_s"] for s in summaries.values()),
