@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments import reuse, tables  # noqa: E402
 from experiments import summary as summary_page  # noqa: E402
+from experiments.processes import launch_command, stop_runs  # noqa: E402
 from experiments.provenance import Sharing, provenance  # noqa: E402
 from swa_lib.config import ConfigError, load_config  # noqa: E402
 from swa_lib.workload import model_names  # noqa: E402
@@ -55,16 +56,6 @@ from swa_lib.workload import model_names  # noqa: E402
 SPECS = ROOT / "configs" / "reproduce"
 RUNS = ROOT / "runs" / "reproduce"
 RECORDS = ROOT / "results" / "run_records"
-
-
-def launch_command(entry: str, processes: int, config: str, run_dir: Path, overrides: list[str]) -> list[str]:
-    cmd = [sys.executable, str(ROOT / entry), "--config", str(ROOT / config), "--run-dir", str(run_dir), *overrides]
-    if processes > 1:
-        flags = ["--oversubscribe", "--bind-to", "none", "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]
-        if os.geteuid() == 0:
-            flags.append("--allow-run-as-root")
-        cmd = ["mpirun", *flags, "-np", str(processes), *cmd]
-    return cmd
 
 
 def run_dir_name(label: str, seed: int) -> str:
@@ -201,29 +192,6 @@ def move_aside(job: Job, why: str) -> None:
     if job.load_file.exists():  # its load samples, concurrent tables and modified paths are not the rerun's
         shutil.move(str(job.load_file), stale / "load.json")
     print(f"reproduce: moved {job.dir.relative_to(ROOT)} aside to {stale.relative_to(ROOT)}: {why}", flush=True)
-
-
-def stop_runs(running: dict, signum: int, grace_s: float = 300.0) -> None:
-    """Ask each running run to stop at its next step and wait for it: the signal goes to the ranks
-    (mpirun's children), which checkpoint that step and exit 75, not to mpirun itself, which answers
-    SIGTERM or SIGINT by killing its ranks within a second, before they checkpoint (Open MPI 4.1).
-    A run still alive after grace_s is killed; it resumes from its last epoch checkpoint instead."""
-    for proc in running.values():
-        ranks = set()
-        for f in Path(f"/proc/{proc.pid}/task").glob("*/children"):
-            ranks |= {int(pid) for pid in f.read_text().split()}
-        for pid in ranks or {proc.pid}:  # a 1-process run has no mpirun: it is the rank
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + grace_s
-    for proc in running.values():
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharing: Sharing) -> tuple[dict, int, int]:
