@@ -141,10 +141,13 @@ class Job:
         """The run's load file: load samples, concurrent tables, layout, modified paths at its starts."""
         return json.loads(self.load_file.read_text()) if self.load_file.exists() else {"load": [], "tables": []}
 
-    def record_load(self, at_once: int) -> None:
+    def record_load(self, at_once: int, together: int | None = None) -> None:
+        """One load sample; `together`: this table's runs training at this moment, this one included."""
         state = self.load_state()
         state.update(at_once=at_once, threads=self.threads)
         state["load"].append(round(os.getloadavg()[0], 2))
+        if together is not None:
+            state.setdefault("together", []).append(together)
         state["tables"] = sorted(set(state["tables"]) | self.seen)
         self.load_file.write_text(json.dumps(state))
 
@@ -243,7 +246,7 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
         for job, proc in list(running.items()):
             done = proc.poll() is not None
             if done or len(sharing.loads) % 15 == 0:  # about every 30 s and at its end: what shared its cores
-                job.record_load(at_once)
+                job.record_load(at_once, together=len(running))
             if not done:
                 continue
             del running[job]
@@ -264,13 +267,16 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
 
 def table_wall_s(name: str, summaries: dict, at_once: int) -> float:
     """Wall time of the whole table as its runs were run: each run's own wall time divided by the
-    number of runs that shared the cores with it (its load file; this invocation's if it has none).
-    Unlike one invocation's elapsed time, it counts runs that an earlier invocation (or session)
-    trained and this one reused."""
+    number of runs that shared the cores with it: the mean of its load file's samples of the table's
+    runs training at once (a last run that trained alone counts whole), else the layout's runs at a
+    time (load files older than those samples), else this invocation's. Unlike one invocation's
+    elapsed time, it counts runs that an earlier invocation (or session) trained and this one reused."""
     total = 0.0
     for (label, seed), summary in summaries.items():
         f = RUNS / name / f"{run_dir_name(label, seed)}.load.json"
-        shared = json.loads(f.read_text()).get("at_once", at_once) if f.exists() else at_once
+        state = json.loads(f.read_text()) if f.exists() else {}
+        together = state.get("together")
+        shared = sum(together) / len(together) if together else state.get("at_once", at_once)
         total += summary["final"]["wall_s"] / (shared or 1)
     return total
 

@@ -118,6 +118,11 @@ def test_table_time_counts_reused_runs_divided_by_the_runs_that_shared_the_cores
     runs = {("A", 0): {"final": {"wall_s": 3600.0}}, ("B", 0): {"final": {"wall_s": 1800.0}},
             ("A", 1): {"final": {"wall_s": 1200.0}}}
     assert reproduce.table_wall_s("t", runs, at_once=2) == 3600.0 + 900.0 + 600.0
+    # B-s0's samples say it trained beside another run for half its time and alone for the rest
+    # (the last run of an odd count): it counts 1800 / 1.5, not 1800 / 2.
+    (tmp_path / "t" / "B-s0.load.json").write_text(json.dumps(
+        {"load": [2.0] * 4, "tables": [], "at_once": 2, "together": [2, 2, 1, 1]}))
+    assert reproduce.table_wall_s("t", runs, at_once=2) == 3600.0 + 1200.0 + 600.0
     # The summary takes that figure; an older table without it gets the larger of its last invocation
     # and its runs' time over the runs at a time, never only a short final invocation.
     assert summary.table_seconds({"table_wall_s": 5100.0, "elapsed_s": 10.0}) == 5100.0
@@ -280,6 +285,8 @@ def test_a_run_names_only_the_tables_that_ran_while_it_trained(tmp_path, monkeyp
         job.threads = 1
         job.record_load(at_once=2)
     assert early.load_state()["tables"] == ["other_table"] and late.load_state()["tables"] == []
+    late.record_load(at_once=2, together=1)  # what run_all passes: this table's runs training now
+    assert late.load_state()["together"] == [1] and "together" not in early.load_state()
 
 
 @pytest.mark.timeout(120)
