@@ -35,6 +35,10 @@ def test_every_table_spec_is_well_formed(spec_path):
             reproduce.Job(spec, spec_path.stem, row, seed)  # load_config raises ConfigError on a bad value
     refs = [ref for pair in spec.get("paired", []) for ref in pair[:2]]
     refs += [ref for claim in spec.get("claims", []) for ref in claim["difference"]]
+    averaging = spec.get("averaging", {})  # the averaging table's own references (averaging_report.py)
+    refs += [averaging["sweep_row"]] if "sweep_row" in averaging else []
+    refs += [averaging["time_to_target"]["row"]] if "time_to_target" in averaging else []
+    refs += averaging.get("lr_decay_rows", [])
     for ref in refs:
         assert ref.partition("@")[0] in labels, f"{spec_path.name}: {ref!r} names no row (rows: {labels})"
     for claim in spec.get("claims", []):
