@@ -200,6 +200,13 @@ def move_aside(job: Job, why: str) -> None:
 def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharing: Sharing) -> tuple[dict, int, int]:
     """Run what is missing; return ({(label, seed): summary}, runs at a time, threads per process)."""
     jobs = all_jobs(spec, name)
+    # Before anything touches them (restore, move aside): a run directory trained twice at once breaks.
+    waiting = [j for j in jobs if j.table != name and not j.finished]
+    owners = {j.table for j in waiting} & sharing.running_tables()
+    if owners:
+        sys.exit(f"reproduce {name}: rows {', '.join(sorted({j.label for j in waiting if j.table in owners}))} "
+                 f"are the runs of table(s) {', '.join(sorted(owners))}, which are running now and will train "
+                 f"them; run this table again when they end")
     todo = []
     for job in jobs:
         if job.restore_record():
@@ -211,11 +218,6 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
             todo.append(job)
         elif not (job.record / "summary.json").exists():
             job.save_record()  # finished while an earlier invocation was being stopped, before it could record it
-    owners = {j.table for j in todo if j.table != name} & sharing.running_tables()
-    if owners:  # the same run directory trained twice at once would corrupt it
-        sys.exit(f"reproduce {name}: rows {', '.join(sorted({j.label for j in todo if j.table in owners}))} are "
-                 f"the runs of table(s) {', '.join(sorted(owners))}, which are running now and will train them; "
-                 f"run this table again when they end")
     cores = len(os.sched_getaffinity(0))
     width = max(j.processes for j in todo) if todo else 1
     at_once = jobs_at_once or max(1, cores // width)

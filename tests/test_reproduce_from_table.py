@@ -119,6 +119,9 @@ def test_a_row_from_a_table_running_now_is_not_trained_twice(tmp_path, monkeypat
     (tmp_path / "active").mkdir()
     (tmp_path / "active" / f"main.{os.getpid()}").write_text("main")  # `reproduce main`, alive
     spec = tables.load_spec("ablation", tmp_path / "configs" / "reproduce")
+    training = tmp_path / "runs" / "main" / "SGD-s0"  # main is training it (a config this checkout would not reuse)
+    training.mkdir(parents=True)
+    (training / "config.yaml").write_text("{}")
     sharing = reproduce.Sharing("ablation")
     try:
         with pytest.raises(SystemExit) as stop:
@@ -128,6 +131,7 @@ def test_a_row_from_a_table_running_now_is_not_trained_twice(tmp_path, monkeypat
     assert str(stop.value) == ("reproduce ablation: rows SGD are the runs of table(s) main, which are running now "
                                "and will train them; run this table again when they end")
     assert not (tmp_path / "runs" / "ablation").exists()  # nothing started
+    assert (training / "config.yaml").exists() and not (tmp_path / "runs" / "main" / ".stale").exists()  # nor moved
 
 
 def test_all_runs_a_table_before_the_tables_that_take_its_rows(tmp_path, monkeypatch):
