@@ -110,12 +110,12 @@ def _grouped(paths: set[str] | None) -> str:
 class Sharing:
     """What shared the cores while a table ran: other `reproduce` processes and the load average."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, runs: Path | None = None):
         # Machine-wide (outside the checkout), so tables run from other clones or worktrees count too.
         self.active = Path(os.environ.get("SWA_REPRODUCE_ACTIVE", Path.home() / ".cache/swa_lib/reproduce-active"))
         self.active.mkdir(parents=True, exist_ok=True)
         self.mine = self.active / f"{name}.{os.getpid()}"  # name.pid; a dead pid's file is ignored
-        self.mine.write_text(name)
+        self.mine.write_text(name if runs is None else f"{name}\n{runs.resolve()}")  # and where its runs live
         self.others: set[str] = set()  # every other table seen during this invocation
         self.current: set[str] = set()  # those seen at the latest sample
         self.loads: list[float] = []  # sampled only while runs train: an invocation that trains none adds nothing
@@ -130,13 +130,16 @@ class Sharing:
         for job in running:
             job.seen |= self.current
 
-    def running_tables(self) -> set[str]:
-        """The tables other `reproduce` processes are running now (records nothing)."""
+    def running_tables(self, runs: Path | None = None) -> set[str]:
+        """The tables other `reproduce` processes are running now (records nothing). With `runs`, only
+        those whose run directories live there (this checkout's), or that did not say where."""
         tables = set()
         for f in self.active.iterdir():
             pid = int(f.suffix[1:]) if f.suffix[1:].isdigit() else None
             if f != self.mine and pid and Path(f"/proc/{pid}").exists():
-                tables.add(f.read_text())
+                table, _, where = f.read_text().partition("\n")
+                if runs is None or not where or Path(where) == runs.resolve():
+                    tables.add(table)
         return tables
 
     def close(self) -> None:

@@ -34,6 +34,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -174,7 +175,7 @@ class Job:
         self.started = time.perf_counter()
         self.note_start(at_once)
         with open(self.log, "a") as fh:
-            fh.write(f"\n$ OMP_NUM_THREADS={threads} {' '.join(cmd)}\n")
+            fh.write(f"\n$ OMP_NUM_THREADS={threads} {shlex.join(cmd)}\n")
             fh.flush()
             # Its own session: a Ctrl-C in the terminal reaches reproduce only, which forwards it (stop_runs).
             return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
@@ -202,7 +203,7 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
     jobs = all_jobs(spec, name)
     # Before anything touches them (restore, move aside): a run directory trained twice at once breaks.
     waiting = [j for j in jobs if j.table != name and not j.finished]
-    owners = {j.table for j in waiting} & sharing.running_tables()
+    owners = {j.table for j in waiting} & sharing.running_tables(RUNS)  # in this checkout
     if owners:
         sys.exit(f"reproduce {name}: rows {', '.join(sorted({j.label for j in waiting if j.table in owners}))} "
                  f"are the runs of table(s) {', '.join(sorted(owners))}, which are running now and will train "
@@ -315,7 +316,7 @@ def finished_runs(spec: dict, name: str) -> dict:
 def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = False) -> Path:
     spec = tables.load_spec(name, SPECS)
     start = time.perf_counter()
-    sharing = Sharing(name)
+    sharing = Sharing(name, RUNS)
     try:
         if render_only:
             summaries, at_once, threads = finished_runs(spec, name), jobs or 0, 0

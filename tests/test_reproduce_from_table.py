@@ -134,6 +134,27 @@ def test_a_row_from_a_table_running_now_is_not_trained_twice(tmp_path, monkeypat
     assert (training / "config.yaml").exists() and not (tmp_path / "runs" / "main" / ".stale").exists()  # nor moved
 
 
+def test_only_a_table_running_in_this_checkout_blocks_its_rows(tmp_path, monkeypatch):
+    """The refusal above is about one run directory: `reproduce main` in another clone trains that
+    clone's runs, so it shares the cores (provenance names it) without blocking this checkout's rows.
+    A table that did not say where its runs live (an older reproduce) still blocks, to be safe."""
+    monkeypatch.setenv("SWA_REPRODUCE_ACTIVE", str(tmp_path / "active"))
+    (tmp_path / "active").mkdir()
+    here, elsewhere = tmp_path / "here" / "runs", tmp_path / "clone" / "runs"
+    alive = os.getpid()  # any live pid: the files are named table.pid
+    (tmp_path / "active" / f"main.{alive}").write_text(f"main\n{elsewhere}")
+    (tmp_path / "active" / f"hwa.{alive}").write_text(f"hwa\n{here}")
+    (tmp_path / "active" / f"swap.{alive}").write_text("swap")  # no runs directory recorded
+    (tmp_path / "active" / "averaging.999999999").write_text(f"averaging\n{here}")  # dead pid
+    sharing = reproduce.Sharing("ablation", here)
+    try:
+        assert sharing.running_tables() == {"main", "hwa", "swap"}
+        assert sharing.running_tables(here) == {"hwa", "swap"}
+        assert (tmp_path / "active" / f"ablation.{alive}").read_text() == f"ablation\n{here.resolve()}"
+    finally:
+        sharing.close()
+
+
 def test_all_runs_a_table_before_the_tables_that_take_its_rows(tmp_path, monkeypatch):
     _specs(tmp_path, [{"label": "SGD", "from_table": "main"}, SWA_LATE])
     monkeypatch.setattr(reproduce, "SPECS", tmp_path / "configs" / "reproduce")
