@@ -1,7 +1,9 @@
-"""Starting and stopping the runs of a table (experiments/reproduce.py): the command that launches
-a run (under mpirun when it has several processes), and the stop that lets every rank checkpoint."""
+"""Starting, watching and stopping the runs of a table (experiments/reproduce.py): the command that
+launches a run (under mpirun when it has several processes), how far it has got, and the stop that
+lets every rank checkpoint."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,3 +44,19 @@ def stop_runs(running: dict, signum: int, grace_s: float = 300.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def last_epoch(run_dir: Path) -> float:
+    """The last epoch a run's metrics.jsonl has logged (0 before any), read from the file's tail."""
+    try:
+        with open(run_dir / "metrics.jsonl", "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
+            lines = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return 0.0
+    for line in reversed(lines):  # the first may be cut by the seek, the last half written
+        try:
+            return float(json.loads(line)["epoch"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0.0

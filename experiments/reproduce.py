@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments import reuse, tables  # noqa: E402
 from experiments import summary as summary_page  # noqa: E402
-from experiments.processes import launch_command, stop_runs  # noqa: E402
+from experiments.processes import last_epoch, launch_command, stop_runs  # noqa: E402
 from experiments.provenance import Sharing, provenance  # noqa: E402
 from swa_lib.config import ConfigError, load_config  # noqa: E402
 from swa_lib.workload import model_names  # noqa: E402
@@ -86,6 +86,10 @@ class Job:
     @property
     def finished(self) -> bool:
         return (self.dir / "summary.json").exists()
+
+    def progress(self) -> float:
+        """The part of its cost done, for the bar: epochs logged over schedule.epochs (every method's budget)."""
+        return self.cost * min(1.0, last_epoch(self.dir) / self.config.schedule.epochs)
 
     def mismatch(self) -> str | None:
         """Why the run directory cannot be reused or resumed, or None if it can (experiments/reuse.py)."""
@@ -225,7 +229,9 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
     threads = max(1, cores // (at_once * width))
     print(f"reproduce {name}: {len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to run, "
           f"{at_once} at a time, {threads} thread(s) per process", flush=True)
-    bar = tqdm(total=sum(j.cost for j in jobs), initial=sum(j.cost for j in jobs if j not in todo),
+    shown = {j: j.progress() for j in todo}  # the bar's part of each job to run: a resumed run starts part done
+    part_done = sum(j.cost for j in jobs if j not in todo) + sum(shown.values())
+    bar = tqdm(total=sum(j.cost for j in jobs), initial=part_done,
                desc=f"reproduce {name} ({len(todo)} runs left)", unit="ep", dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} epochs [{elapsed}<{remaining}]")
     running: dict[Job, subprocess.Popen] = {}
@@ -248,6 +254,10 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
         sharing.sample(running)
         for job, proc in list(running.items()):
             done = proc.poll() is not None
+            step = (job.cost if done else job.progress()) - shown[job]
+            if step > 0:
+                bar.update(step)
+                shown[job] += step
             if done or len(sharing.loads) % 15 == 0:  # about every 30 s and at its end: what shared its cores
                 job.record_load(at_once, together=len(running))
             if not done:
@@ -260,7 +270,6 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
                 sys.exit(f"reproduce: run {job.dir.name} failed (exit {proc.returncode}); last lines of "
                          f"{job.log}:\n" + "\n".join(tail))
             job.save_record()
-            bar.update(job.cost)
             bar.set_description(f"reproduce {name} ({len(queue) + len(running)} runs left)")
     bar.close()
     for s, handler in previous.items():

@@ -244,6 +244,23 @@ def test_jobs_go_seed_by_seed():
     assert order == [(seed, label) for seed in sorted(spec["seeds"]) for label in labels]
 
 
+def test_the_bar_counts_the_epochs_a_run_has_logged(tmp_path, monkeypatch):
+    """The progress bar moves while a run trains (and starts a resumed run part done): the run's
+    last logged epoch, read from the tail of its metrics file, over its whole budget."""
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    job = reproduce.all_jobs(spec, "smoke")[1]
+    epochs = job.config.schedule.epochs
+    assert epochs >= 2 and job.progress() == 0.0  # nothing logged yet
+    job.dir.mkdir(parents=True)
+    lines = [json.dumps({"step": i, "epoch": i / 500, "train/loss": 0.5}) for i in range(1, 500 * (epochs - 1) + 1)]
+    assert len("\n".join(lines)) > 2 * 4096  # the tail read starts mid-file, mid-line
+    (job.dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 10000, "epo')  # its last line half written
+    assert job.progress() == pytest.approx(job.cost * (epochs - 1) / epochs)
+    (job.dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "epoch": epochs + 3}) + "\n")
+    assert job.progress() == job.cost  # never past the job's cost (SWAP's phases share schedule.epochs)
+
+
 def test_an_invocation_that_trains_nothing_adds_nothing_to_what_shared_the_cores(tmp_path, monkeypatch):
     """A --render-only (or all-reused) invocation must not write its own load average and the
     tables running beside it into the provenance of runs that trained earlier."""
