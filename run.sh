@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One entry point for this repository. Every command installs what is missing first.
 #
-#   ./run.sh reproduce baselines     regenerate results/baselines_cifar10_reduced.md (the main job)
+#   ./run.sh reproduce baselines --no-records
+#                                    train results/baselines_cifar10_reduced.md's runs (the main job)
 #   ./run.sh reproduce NAME | all    any table of configs/reproduce/ (swap, swalp, hwa, averaging,
-#                                    averaging_tiny, hwa_tiny), or all of them in turn (about 19 h on
-#                                    2 cores; results/README.md gives the current total)
+#                                    averaging_tiny, hwa_tiny, the *_ablation ones), or all of them in
+#                                    turn (results/README.md gives the total on 2 cores); without
+#                                    --no-records, runs with a committed record are restored, not trained
 #   ./run.sh test [pytest args]      the whole test suite (what CI runs), or the test files named
 #   ./run.sh lint [ruff args]        ruff check . (the style of pyproject.toml; the test suite runs it too)
 #   ./run.sh setup                   only install (Open MPI, .venv, Horovod)

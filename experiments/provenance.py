@@ -107,6 +107,23 @@ def _grouped(paths: set[str] | None) -> str:
     return ", ".join(f"{t} ({n} file{'s' if n > 1 else ''})" if t.endswith("/") else t for t, n in sorted(tops.items()))
 
 
+def table_wall_s(summaries: dict, load_files: dict, at_once: int) -> float:
+    """Wall time of the whole table as its runs were run: each run's own wall time divided by the
+    number of runs that shared the cores with it: the mean of its load file's samples of the table's
+    runs training at once (a last run that trained alone counts whole), else the layout's runs at a
+    time (load files older than those samples), else this invocation's. Unlike one invocation's
+    elapsed time, it counts runs that an earlier invocation (or session) trained and this one reused.
+    summaries and load_files are keyed alike, by (row label, seed)."""
+    total = 0.0
+    for key, summary in summaries.items():
+        f = load_files[key]
+        state = json.loads(f.read_text()) if f.exists() else {}
+        together = state.get("together")
+        shared = sum(together) / len(together) if together else state.get("at_once", at_once)
+        total += summary["final"]["wall_s"] / (shared or 1)
+    return total
+
+
 class Sharing:
     """What shared the cores while a table ran: other `reproduce` processes and the load average."""
 

@@ -4,6 +4,7 @@
     ./run.sh reproduce all                  # every headline table in turn, then the summary
     ./run.sh reproduce summary              # only results/README.md, from the tables' .json files
     ./run.sh reproduce pilot_swap           # a pilot (tuning on a validation split); not in `all`
+    ./run.sh reproduce baselines --no-records   # train it here, ignoring the committed run records
     python experiments/reproduce.py swap --jobs 2 --fresh
 
 A table spec (configs/reproduce/<name>.yaml) lists rows (label, config, overrides), seeds,
@@ -21,7 +22,8 @@ Across machines: each finished run also leaves a record in results/run_records/<
 (summary, config, run info, metrics, TensorBoard events, its load samples; model weights only
 where the spec's `record_weights` asks, for the figures that need them). Records are small and
 committed, so a table too long for one machine session is finished by the next: a run whose
-directory is missing is restored from its record, then reused under the same two conditions.
+directory is missing is restored from its record (not with --no-records), then reused under the
+same two conditions.
 Runs go seed by seed (every row of seed 0, then of seed 1, ...), so a table stopped halfway
 already holds complete comparisons.
 Runs execute `--jobs` at a time (default: as many as fit the cores, one thread per process),
@@ -50,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from experiments import reuse, tables  # noqa: E402
 from experiments import summary as summary_page  # noqa: E402
 from experiments.processes import last_epoch, launch_command, stop_runs  # noqa: E402
-from experiments.provenance import Sharing, provenance  # noqa: E402
+from experiments.provenance import Sharing, provenance, table_wall_s  # noqa: E402
 from swa_lib.config import ConfigError, load_config  # noqa: E402
 from swa_lib.workload import model_names  # noqa: E402
 
@@ -199,11 +201,13 @@ def move_aside(job: Job, why: str) -> None:
     shutil.move(str(job.dir), stale)
     if job.load_file.exists():  # its load samples, concurrent tables and modified paths are not the rerun's
         shutil.move(str(job.load_file), stale / "load.json")
-    print(f"reproduce: moved {job.dir.relative_to(ROOT)} aside to {stale.relative_to(ROOT)}: {why}", flush=True)
+    print(f"reproduce: moved {os.path.relpath(job.dir, ROOT)} aside to {os.path.relpath(stale, ROOT)}: {why}",
+          flush=True)
 
 
-def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharing: Sharing) -> tuple[dict, int, int]:
-    """Run what is missing; return ({(label, seed): summary}, runs at a time, threads per process)."""
+def run_all(spec: dict, name: str, jobs_at_once: int | None, reuse: str, sharing: Sharing) -> tuple[dict, int, int]:
+    """Run what is missing; return ({(label, seed): summary}, runs at a time, threads per process).
+    reuse: "all" (runs here and committed records), "here" (--no-records) or "none" (--fresh)."""
     jobs = all_jobs(spec, name)
     # Before anything touches them (restore, move aside): a run directory trained twice at once breaks.
     waiting = [j for j in jobs if j.table != name and not j.finished]
@@ -214,9 +218,10 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
                  f"them; run this table again when they end")
     todo = []
     for job in jobs:
-        if job.restore_record():
-            print(f"reproduce: restored {job.dir.relative_to(ROOT)} from {job.record.relative_to(ROOT)}", flush=True)
-        why = "--fresh" if fresh and job.dir.exists() else (job.mismatch() if job.dir.exists() else None)
+        if reuse == "all" and job.restore_record():
+            print(f"reproduce: restored {os.path.relpath(job.dir, ROOT)} from {os.path.relpath(job.record, ROOT)}",
+                  flush=True)
+        why = "--fresh" if reuse == "none" and job.dir.exists() else (job.mismatch() if job.dir.exists() else None)
         if why:
             move_aside(job, why)
         if not job.finished:
@@ -242,9 +247,10 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
         if stopped:
             stop_runs(running, stopped[0])
             bar.close()
+            again = "again with --no-records instead of --fresh" if reuse == "none" else "again"
             print(f"reproduce: stopped by {signal.Signals(stopped[0]).name}; {len(running)} running run(s) asked to "
                   f"checkpoint and stop ({', '.join(j.dir.name for j in running) or 'none'}); run the same command "
-                  f"again to resume (exit 75)", file=sys.stderr, flush=True)
+                  f"{again} to resume (exit 75)", file=sys.stderr, flush=True)
             sys.exit(75)
         while queue and len(running) < at_once:
             job = queue.pop(0)
@@ -277,22 +283,6 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, fresh: bool, sharin
     return {(j.label, j.seed): json.loads((j.dir / "summary.json").read_text()) for j in jobs}, at_once, threads
 
 
-def table_wall_s(name: str, summaries: dict, at_once: int) -> float:
-    """Wall time of the whole table as its runs were run: each run's own wall time divided by the
-    number of runs that shared the cores with it: the mean of its load file's samples of the table's
-    runs training at once (a last run that trained alone counts whole), else the layout's runs at a
-    time (load files older than those samples), else this invocation's. Unlike one invocation's
-    elapsed time, it counts runs that an earlier invocation (or session) trained and this one reused."""
-    total = 0.0
-    for (label, seed), summary in summaries.items():
-        f = RUNS / name / f"{run_dir_name(label, seed)}.load.json"
-        state = json.loads(f.read_text()) if f.exists() else {}
-        together = state.get("together")
-        shared = sum(together) / len(together) if together else state.get("at_once", at_once)
-        total += summary["final"]["wall_s"] / (shared or 1)
-    return total
-
-
 def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
     """Call each `plots:` entry ("module:function"); see experiments/swap_plots.py for the contract."""
     import importlib
@@ -322,7 +312,7 @@ def finished_runs(spec: dict, name: str) -> dict:
     return {(j.label, j.seed): json.loads((j.dir / "summary.json").read_text()) for j in jobs}
 
 
-def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = False) -> Path:
+def reproduce(name: str, jobs: int | None, reuse: str = "all", render_only: bool = False) -> Path:
     spec = tables.load_spec(name, SPECS)
     start = time.perf_counter()
     sharing = Sharing(name, RUNS)
@@ -330,13 +320,14 @@ def reproduce(name: str, jobs: int | None, fresh: bool, render_only: bool = Fals
         if render_only:
             summaries, at_once, threads = finished_runs(spec, name), jobs or 0, 0
         else:
-            summaries, at_once, threads = run_all(spec, name, jobs, fresh, sharing)
+            summaries, at_once, threads = run_all(spec, name, jobs, reuse, sharing)
     finally:
         sharing.close()
     elapsed = time.perf_counter() - start
     runs = {(j.label, j.seed): j for j in all_jobs(spec, name)}
     # Rows from another table (tables.load_spec) count in that table's time, not in this one's.
-    table_s = table_wall_s(name, {k: v for k, v in summaries.items() if runs[k].table == name}, at_once)
+    own = {k: v for k, v in summaries.items() if runs[k].table == name}
+    table_s = table_wall_s(own, {k: runs[k].load_file for k in own}, at_once)
     lines = provenance(spec, name, lambda label, seed: runs[(label, seed)].dir, summaries, elapsed,
                        at_once, threads, sharing, table_s)
     markdown, numbers = tables.render(spec, summaries, lines, make_plots(spec, name, summaries))
@@ -369,7 +360,11 @@ def main() -> int:
     parser.add_argument("table", help="a spec in configs/reproduce/, 'all' (every headline table, then the "
                                       "summary) or 'summary' (results/README.md only)")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: as many as the cores hold)")
-    parser.add_argument("--fresh", action="store_true", help="move every existing run aside and run it again")
+    parser.add_argument("--fresh", dest="reuse", action="store_const", const="none", default="all",
+                        help="move every existing run aside and run it again")
+    parser.add_argument("--no-records", dest="reuse", action="store_const", const="here",
+                        help="train every run this checkout has not: restore none from results/run_records/ (a "
+                             "fresh clone trains the whole table; killed, the same command resumes it)")
     parser.add_argument("--render-only", action="store_true",
                         help="write the table from the finished runs as they are, without checking that "
                              "their config and code match this checkout (their commits are listed)")
@@ -381,7 +376,7 @@ def main() -> int:
     try:
         names = headline_specs() if args.table == "all" else [] if args.table == "summary" else [args.table]
         for name in names:
-            reproduce(name, args.jobs, args.fresh, args.render_only)
+            reproduce(name, args.jobs, args.reuse, args.render_only)
     except ConfigError as err:
         print(f"reproduce: a row's config is invalid: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ import yaml
 from mpi_util import PYTHON, REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
-from experiments import reproduce, reuse, summary, tables  # noqa: E402
+from experiments import provenance, reproduce, reuse, summary, tables  # noqa: E402
 from swa_lib.config import to_dict  # noqa: E402
 
 
@@ -108,8 +108,7 @@ def test_out_of_date_reads_the_records_as_a_new_machine_would(tmp_path, monkeypa
     assert reproduce.out_of_date("smoke_baselines") == ["its config differs in optim.lr"]
 
 
-def test_table_time_counts_reused_runs_divided_by_the_runs_that_shared_the_cores(tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce, "RUNS", tmp_path)
+def test_table_time_counts_reused_runs_divided_by_the_runs_that_shared_the_cores(tmp_path):
     (tmp_path / "t").mkdir()
     # A-s0 ran alone in an earlier invocation, B-s0 beside another run; A-s1 has no load file
     # (this invocation, 2 at once).
@@ -117,12 +116,13 @@ def test_table_time_counts_reused_runs_divided_by_the_runs_that_shared_the_cores
     (tmp_path / "t" / "B-s0.load.json").write_text(json.dumps({"load": [2.0], "tables": [], "at_once": 2}))
     runs = {("A", 0): {"final": {"wall_s": 3600.0}}, ("B", 0): {"final": {"wall_s": 1800.0}},
             ("A", 1): {"final": {"wall_s": 1200.0}}}
-    assert reproduce.table_wall_s("t", runs, at_once=2) == 3600.0 + 900.0 + 600.0
+    loads = {(label, seed): tmp_path / "t" / f"{label}-s{seed}.load.json" for label, seed in runs}
+    assert provenance.table_wall_s(runs, loads, at_once=2) == 3600.0 + 900.0 + 600.0
     # B-s0's samples say it trained beside another run for half its time and alone for the rest
     # (the last run of an odd count): it counts 1800 / 1.5, not 1800 / 2.
     (tmp_path / "t" / "B-s0.load.json").write_text(json.dumps(
         {"load": [2.0] * 4, "tables": [], "at_once": 2, "together": [2, 2, 1, 1]}))
-    assert reproduce.table_wall_s("t", runs, at_once=2) == 3600.0 + 1200.0 + 600.0
+    assert provenance.table_wall_s(runs, loads, at_once=2) == 3600.0 + 1200.0 + 600.0
     # The summary takes that figure; an older table without it gets the larger of its last invocation
     # and its runs' time over the runs at a time, never only a short final invocation.
     assert summary.table_seconds({"table_wall_s": 5100.0, "elapsed_s": 10.0}) == 5100.0

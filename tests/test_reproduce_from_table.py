@@ -90,7 +90,7 @@ def test_an_ablation_table_renders_from_the_main_tables_runs_and_counts_only_its
     spec = tables.load_spec("ablation", tmp_path / "configs" / "reproduce")
     for job in reproduce.all_jobs(spec, "ablation"):  # main's SGD: an hour a run; the ablation's own: 100 s
         _finish(job, 3600.0 if job.table == "main" else 100.0, 0.50 + (0.02 if job.table == "main" else 0.03))
-    out = reproduce.reproduce("ablation", None, False, render_only=True)
+    out = reproduce.reproduce("ablation", None, render_only=True)
     numbers = json.loads(out.with_suffix(".json").read_text())
     assert numbers["table_wall_s"] == pytest.approx(200.0)  # the 2 own runs, not main's 2 hours
     assert list(numbers["paired"]["SWA late − SGD"]["per_seed"].values()) == pytest.approx([1.0, 1.0])
@@ -125,7 +125,7 @@ def test_a_row_from_a_table_running_now_is_not_trained_twice(tmp_path, monkeypat
     sharing = reproduce.Sharing("ablation")
     try:
         with pytest.raises(SystemExit) as stop:
-            reproduce.run_all(spec, "ablation", 1, False, sharing)
+            reproduce.run_all(spec, "ablation", 1, "all", sharing)
     finally:
         sharing.close()
     assert str(stop.value) == ("reproduce ablation: rows SGD are the runs of table(s) main, which are running now "

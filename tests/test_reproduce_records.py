@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from mpi_util import REPO_ROOT
@@ -80,11 +81,52 @@ def test_a_run_that_finished_without_its_record_gets_one_at_the_next_invocation(
         [True] + [False] * (len(jobs) - 1)
     sharing = reproduce.Sharing("smoke")
     try:
-        summaries, _, _ = reproduce.run_all(spec, "smoke", 1, False, sharing)
+        summaries, _, _ = reproduce.run_all(spec, "smoke", 1, "all", sharing)
     finally:
         sharing.close()
     assert len(summaries) == len(jobs)
     assert all((tmp_path / "records" / "smoke" / j.dir.name / "summary.json").exists() for j in jobs)
+
+
+class _Trains(Exception):
+    pass
+
+
+@pytest.mark.parametrize("reuse", ["all", "here"])
+def test_no_records_trains_a_recorded_run_here_instead_of_restoring_it(tmp_path, monkeypatch, reuse):
+    """`reproduce --no-records` is how a user checks a table by training it: a run that has a
+    committed record but no directory here is trained, not restored (by default it is restored)."""
+    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
+    spec["output"] = "results/smoke.md"  # a results/ table: its runs are recorded
+    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(reproduce, "RECORDS", tmp_path / "records")
+    monkeypatch.setenv("SWA_REPRODUCE_ACTIVE", str(tmp_path / "active"))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    jobs = reproduce.all_jobs(spec, "smoke")
+    for job in jobs:  # every run recorded, as in a fresh clone of a finished table
+        job.dir.mkdir(parents=True)
+        (job.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(job.config), sort_keys=False))
+        (job.dir / "run_info.json").write_text(json.dumps({"git_commit": head}))
+        (job.dir / "summary.json").write_text(json.dumps({"final": {"wall_s": 1.0}}))
+        job.save_record()
+    shutil.rmtree(tmp_path / "runs")
+
+    def start(job, threads, at_once):
+        raise _Trains(job.dir.name)
+
+    monkeypatch.setattr(reproduce.Job, "start", start)
+    sharing = reproduce.Sharing("smoke")
+    try:
+        if reuse == "all":
+            summaries, _, _ = reproduce.run_all(spec, "smoke", 1, reuse, sharing)
+            assert len(summaries) == len(jobs)  # all restored, nothing trained
+        else:
+            with pytest.raises(_Trains) as first:
+                reproduce.run_all(spec, "smoke", 1, reuse, sharing)
+            assert str(first.value) == jobs[0].dir.name and not jobs[0].finished
+            assert not any(j.finished for j in jobs)  # none restored
+    finally:
+        sharing.close()
 
 
 def test_a_run_moved_aside_takes_its_load_file_and_a_new_run_starts_a_clean_one(tmp_path, monkeypatch):
