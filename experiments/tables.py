@@ -9,6 +9,7 @@ A table spec (configs/reproduce/<name>.yaml) refers to numbers with *refs*:
     "cosine@ema/steps_to_final"   the first evaluated step at which "ema" reaches the final
                             accuracy of the same run's training model (time to target with the
                             run's own end point as the target; the run's last step if never)
+    "cosine@ema/steps_to_final*0.95"   the same with the target at 0.95 of that accuracy
 
 Accuracies are reported in percent, or as test error in percent with `report: error`.
 Every difference is paired: the same seed's runs.
@@ -82,8 +83,9 @@ def metric_value(summary: dict, metric: str | None) -> float:
     if metric is None:
         return summary["final"]["output/acc"]
     key, _, epoch = metric.partition("@e")
-    if key.endswith("/steps_to_final"):
-        name, target = key.rpartition("/")[0], summary["final"]["model/acc"]
+    if "/steps_to_final" in key:
+        ref, _, fraction = key.partition("*")
+        name, target = ref.rpartition("/")[0], summary["final"]["model/acc"] * float(fraction or 1)
         hits = [h["step"] for h in summary["history"] if h["results"].get(name, {}).get("acc", -1) >= target]
         return float(min(hits, default=summary["steps"]))
     if key == "steps":  # optimizer steps of the run (per process: SWAP's critical path)

@@ -33,6 +33,10 @@ def test_refs_read_final_values_history_points_and_steps_to_final():
     assert tables.metric_value(s, "ema/steps_to_final") == 20.0  # ema reached 0.80 at step 20
     assert tables.metric_value(s, "model/steps_to_final") == 30.0
     assert tables.metric_value(fake_summary(0.95), "ema/steps_to_final") == 30.0  # never: the last step
+    assert tables.metric_value(s, "model/steps_to_final*0.6") == 10.0  # 0.48: 0.50 at step 10
+    assert tables.metric_value(s, "model/steps_to_final*0.85") == 20.0  # 0.68: 0.70 at step 20
+    assert tables.metric_value(s, "model/steps_to_final*0.9") == 30.0  # 0.72: not before the end
+    assert tables.metric_value(fake_summary(0.95), "ema/steps_to_final*0.85") == 20.0  # 0.8075: 0.81 at 20
     with pytest.raises(KeyError, match="after epoch 7"):
         tables.metric_value(s, "ema/acc@e7")
 
@@ -57,6 +61,9 @@ def test_paired_differences_and_percent_or_error():
     ([0.1, -0.2, 0.05], "within 0.3", "holds"),
     ([0.5, -0.2, 0.0], "within 0.3", "partly"),
     ([0.5, 0.4, 0.9], "within 0.3", "does not hold here"),
+    ([-0.03, -0.01, 0.08], "positive", "does not hold here"),  # the mean agrees, one seed of 3: noise
+    ([-585, 0, 0], "negative", "does not hold here"),  # a tie is not fewer steps
+    ([0.05, 0.32, -0.12], "within 0.3", "partly"),  # 2 of 3 within the margin, and the mean
 ])
 def test_claim_verdicts(diffs, expect, verdict):
     assert summary.verdict(diffs, expect) == verdict
