@@ -87,7 +87,7 @@ def test_summary_page_names_both_sides_and_counts_the_recorded_runs_of_an_unfini
         (tmp_path / "results" / "run_records" / "half" / run / "summary.json").write_text("{}")
     page = summary.write(tmp_path, ["done", "half"]).read_text()
     row = next(line for line in page.splitlines() if line.startswith("| X beats its own start"))
-    assert "X: 80.50 ± 0.71; start: 80.30 ± 1.13" in row and "(+0.50, -0.10)" in row and "**partly**" in row, row
+    assert "X: 80.50 ± 0.71; start: 80.30 ± 1.13" in row and "(+0.50, -0.10)" in row and "**does not hold here**" in row, row  # 1 seed of 2
     assert "2.0 h of wall time" in page
     assert "`half` (no results/half.json: 3 of its 6 runs recorded in results/run_records/half/" in page, page
     assert "`done`'s claim(s) 'Y (added later)' (not yet in results/done.json: run `./run.sh reproduce done`)" in page
