@@ -107,20 +107,44 @@ def _grouped(paths: set[str] | None) -> str:
     return ", ".join(f"{t} ({n} file{'s' if n > 1 else ''})" if t.endswith("/") else t for t, n in sorted(tops.items()))
 
 
-def table_wall_s(summaries: dict, load_files: dict, at_once: int) -> float:
-    """Wall time of the whole table as its runs were run: each run's own wall time divided by the
-    number of runs that shared the cores with it: the mean of its load file's samples of the table's
-    runs training at once (a last run that trained alone counts whole), else the layout's runs at a
-    time (load files older than those samples), else this invocation's. Unlike one invocation's
-    elapsed time, it counts runs that an earlier invocation (or session) trained and this one reused.
-    summaries and load_files are keyed alike, by (row label, seed)."""
+def run_span(run_dir: Path, summary: dict) -> tuple[float, float] | None:
+    """When a run trained, (start, end) in seconds since the epoch: its run_info.json's start plus its
+    wall time. None for a run started more than once (its wall time adds up every start's)."""
+    f = run_dir / "run_info.json"
+    info = json.loads(f.read_text()) if f.exists() else {}
+    if "started" not in info or info.get("earlier_starts"):
+        return None
+    start = dt.datetime.fromisoformat(info["started"]).timestamp()
+    return start, start + summary["final"]["wall_s"]
+
+
+def own_share(span: tuple[float, float], spans: list) -> float:
+    """The seconds of `span`, each divided by the runs of `spans` training at that moment."""
+    cuts = sorted({*span, *(t for other in spans for t in other if span[0] < t < span[1])})
+    return sum((hi - lo) / sum(1 for a, b in spans if a <= (lo + hi) / 2 < b) for lo, hi in zip(cuts, cuts[1:]))
+
+
+def table_wall_s(summaries: dict, runs: dict, at_once: int) -> float:
+    """Wall time of the whole table as its runs were run, counting each moment once: each run's wall
+    time divided by the number of the table's runs training beside it (itself included), from
+    - the mean of its load file's samples of that number (runs recorded from commit b80906a on);
+    - else, where every run started once, the runs' spans (run_info.json's start + wall time): the
+      seconds of each run divided by the runs training at each moment;
+    - else the layout's runs at a time (its load file's, else this invocation's).
+    Unlike one invocation's elapsed time, it counts runs that an earlier invocation (or session)
+    trained and this one reused. summaries and runs ((run directory, load file)) are keyed alike,
+    by (row label, seed)."""
+    spans = {key: run_span(runs[key][0], summary) for key, summary in summaries.items()}
     total = 0.0
     for key, summary in summaries.items():
-        f = load_files[key]
+        f = runs[key][1]
         state = json.loads(f.read_text()) if f.exists() else {}
-        together = state.get("together")
-        shared = sum(together) / len(together) if together else state.get("at_once", at_once)
-        total += summary["final"]["wall_s"] / (shared or 1)
+        if together := state.get("together"):
+            total += summary["final"]["wall_s"] / (sum(together) / len(together))
+        elif None not in spans.values():
+            total += own_share(spans[key], list(spans.values()))
+        else:
+            total += summary["final"]["wall_s"] / (state.get("at_once", at_once) or 1)
     return total
 
 

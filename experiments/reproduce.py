@@ -327,7 +327,7 @@ def reproduce(name: str, jobs: int | None, reuse: str = "all", render_only: bool
     runs = {(j.label, j.seed): j for j in all_jobs(spec, name)}
     # Rows from another table (tables.load_spec) count in that table's time, not in this one's.
     own = {k: v for k, v in summaries.items() if runs[k].table == name}
-    table_s = table_wall_s(own, {k: runs[k].load_file for k in own}, at_once)
+    table_s = table_wall_s(own, {k: (runs[k].dir, runs[k].load_file) for k in own}, at_once)
     lines = provenance(spec, name, lambda label, seed: runs[(label, seed)].dir, summaries, elapsed,
                        at_once, threads, sharing, table_s)
     markdown, numbers = tables.render(spec, summaries, lines, make_plots(spec, name, summaries))

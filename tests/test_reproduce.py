@@ -87,7 +87,8 @@ def test_summary_page_names_both_sides_and_counts_the_recorded_runs_of_an_unfini
         (tmp_path / "results" / "run_records" / "half" / run / "summary.json").write_text("{}")
     page = summary.write(tmp_path, ["done", "half"]).read_text()
     row = next(line for line in page.splitlines() if line.startswith("| X beats its own start"))
-    assert "X: 80.50 ± 0.71; start: 80.30 ± 1.13" in row and "(+0.50, -0.10)" in row and "**does not hold here**" in row, row  # 1 seed of 2
+    assert "X: 80.50 ± 0.71; start: 80.30 ± 1.13" in row and "(+0.50, -0.10)" in row, row
+    assert "**does not hold here**" in row, row  # 1 seed of 2 agrees with the mean: not most
     assert "2.0 h of wall time" in page
     assert "`half` (no results/half.json: 3 of its 6 runs recorded in results/run_records/half/" in page, page
     assert "`done`'s claim(s) 'Y (added later)' (not yet in results/done.json: run `./run.sh reproduce done`)" in page
@@ -123,13 +124,29 @@ def test_table_time_counts_reused_runs_divided_by_the_runs_that_shared_the_cores
     (tmp_path / "t" / "B-s0.load.json").write_text(json.dumps({"load": [2.0], "tables": [], "at_once": 2}))
     runs = {("A", 0): {"final": {"wall_s": 3600.0}}, ("B", 0): {"final": {"wall_s": 1800.0}},
             ("A", 1): {"final": {"wall_s": 1200.0}}}
-    loads = {(label, seed): tmp_path / "t" / f"{label}-s{seed}.load.json" for label, seed in runs}
+    loads = {(label, seed): (tmp_path / "t" / f"{label}-s{seed}", tmp_path / "t" / f"{label}-s{seed}.load.json")
+             for label, seed in runs}  # no run directories: no spans
     assert provenance.table_wall_s(runs, loads, at_once=2) == 3600.0 + 900.0 + 600.0
     # B-s0's samples say it trained beside another run for half its time and alone for the rest
     # (the last run of an odd count): it counts 1800 / 1.5, not 1800 / 2.
     (tmp_path / "t" / "B-s0.load.json").write_text(json.dumps(
         {"load": [2.0] * 4, "tables": [], "at_once": 2, "together": [2, 2, 1, 1]}))
     assert provenance.table_wall_s(runs, loads, at_once=2) == 3600.0 + 1200.0 + 600.0
+    # Without samples, where every run started once, its run_info.json's start and its wall time say
+    # when it trained: A-s0 from 0 to 3600 s, B-s0 beside it from 0 to 1800, A-s1 from 3000 to 4200
+    # (the last of an odd count, alone for its last 600 s): each moment counts once, 4200 s in all.
+    for (label, seed), start in {("A", 0): "10:00:00", ("B", 0): "10:00:00", ("A", 1): "10:50:00"}.items():
+        (tmp_path / "t" / f"{label}-s{seed}").mkdir()
+        info = {"started": f"2026-12-02T{start}"}
+        (tmp_path / "t" / f"{label}-s{seed}" / "run_info.json").write_text(json.dumps(info))
+    (tmp_path / "t" / "B-s0.load.json").write_text(json.dumps({"load": [2.0], "tables": [], "at_once": 2}))
+    assert provenance.table_wall_s(runs, loads, at_once=2) == pytest.approx(
+        (1800 / 2 + 1200 + 600 / 2) + 1800 / 2 + (600 / 2 + 600))  # A-s0, B-s0, A-s1
+    assert provenance.table_wall_s(runs, loads, at_once=2) == pytest.approx(4200.0)  # the span, here
+    # A run started twice (its wall time adds up both starts) leaves no span: back to the layout.
+    (tmp_path / "t" / "A-s1" / "run_info.json").write_text(json.dumps(
+        {"started": "2026-12-02T10:50:00", "earlier_starts": [{"started": "2026-12-01T09:00:00"}]}))
+    assert provenance.table_wall_s(runs, loads, at_once=2) == 3600.0 + 900.0 + 600.0
     # The summary takes that figure; an older table without it gets the larger of its last invocation
     # and its runs' time over the runs at a time, never only a short final invocation.
     assert summary.table_seconds({"table_wall_s": 5100.0, "elapsed_s": 10.0}) == 5100.0
