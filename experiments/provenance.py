@@ -124,24 +124,39 @@ def own_share(span: tuple[float, float], spans: list) -> float:
     return sum((hi - lo) / sum(1 for a, b in spans if a <= (lo + hi) / 2 < b) for lo, hi in zip(cuts, cuts[1:]))
 
 
+def one_sitting(spans: list, gap_s: float = 120.0) -> bool:
+    """Whether the runs trained in one stretch of time, each starting before the earlier ones ended."""
+    if None in spans:
+        return False
+    end = None
+    for start, stop in sorted(spans):
+        if end is not None and start > end + gap_s:
+            return False
+        end = stop if end is None else max(end, stop)
+    return True
+
+
 def table_wall_s(summaries: dict, runs: dict, at_once: int) -> float:
     """Wall time of the whole table as its runs were run, counting each moment once: each run's wall
     time divided by the number of the table's runs training beside it (itself included), from
     - the mean of its load file's samples of that number (runs recorded from commit b80906a on);
-    - else, where every run started once, the runs' spans (run_info.json's start + wall time): the
-      seconds of each run divided by the runs training at each moment;
+    - else, where every run started once and all trained in one sitting (no gap between them), the
+      runs' spans (run_info.json's start + wall time): each run's seconds divided by the runs
+      training at each moment. A table trained over several sittings may have had its layout's other
+      slots filled by runs no longer in it (a dropped row): its spans would count those runs whole;
     - else the layout's runs at a time (its load file's, else this invocation's).
     Unlike one invocation's elapsed time, it counts runs that an earlier invocation (or session)
     trained and this one reused. summaries and runs ((run directory, load file)) are keyed alike,
     by (row label, seed)."""
     spans = {key: run_span(runs[key][0], summary) for key, summary in summaries.items()}
+    sitting = one_sitting(list(spans.values()))
     total = 0.0
     for key, summary in summaries.items():
         f = runs[key][1]
         state = json.loads(f.read_text()) if f.exists() else {}
         if together := state.get("together"):
             total += summary["final"]["wall_s"] / (sum(together) / len(together))
-        elif None not in spans.values():
+        elif sitting:
             total += own_share(spans[key], list(spans.values()))
         else:
             total += summary["final"]["wall_s"] / (state.get("at_once", at_once) or 1)

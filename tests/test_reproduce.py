@@ -143,6 +143,10 @@ def test_table_time_counts_reused_runs_divided_by_the_runs_that_shared_the_cores
     assert provenance.table_wall_s(runs, loads, at_once=2) == pytest.approx(
         (1800 / 2 + 1200 + 600 / 2) + 1800 / 2 + (600 / 2 + 600))  # A-s0, B-s0, A-s1
     assert provenance.table_wall_s(runs, loads, at_once=2) == pytest.approx(4200.0)  # the span, here
+    # Runs of two sittings (a gap between them): the layout's other slots may have held runs no longer
+    # in the table, so the spans would count them whole: back to the layout.
+    (tmp_path / "t" / "A-s1" / "run_info.json").write_text(json.dumps({"started": "2026-12-02T11:20:00"}))
+    assert provenance.table_wall_s(runs, loads, at_once=2) == 3600.0 + 900.0 + 600.0
     # A run started twice (its wall time adds up both starts) leaves no span: back to the layout.
     (tmp_path / "t" / "A-s1" / "run_info.json").write_text(json.dumps(
         {"started": "2026-12-02T10:50:00", "earlier_starts": [{"started": "2026-12-01T09:00:00"}]}))
