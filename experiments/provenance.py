@@ -148,16 +148,17 @@ def table_wall_s(summaries: dict, runs: dict, at_once: int) -> float:
     Unlike one invocation's elapsed time, it counts runs that an earlier invocation (or session)
     trained and this one reused. summaries and runs ((run directory, load file)) are keyed alike,
     by (row label, seed)."""
-    spans = {key: run_span(runs[key][0], summary) for key, summary in summaries.items()}
-    sitting = one_sitting(list(spans.values()))
+    states = {key: json.loads(f.read_text()) if (f := runs[key][1]).exists() else {} for key in summaries}
+    # Runs without samples (older code), with each other: one invocation records all or none.
+    spans = [run_span(runs[key][0], summaries[key]) for key in summaries if not states[key].get("together")]
+    sitting = one_sitting(spans)
     total = 0.0
     for key, summary in summaries.items():
-        f = runs[key][1]
-        state = json.loads(f.read_text()) if f.exists() else {}
+        state = states[key]
         if together := state.get("together"):
             total += summary["final"]["wall_s"] / (sum(together) / len(together))
         elif sitting:
-            total += own_share(spans[key], list(spans.values()))
+            total += own_share(run_span(runs[key][0], summary), spans)
         else:
             total += summary["final"]["wall_s"] / (state.get("at_once", at_once) or 1)
     return total

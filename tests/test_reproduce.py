@@ -147,6 +147,13 @@ def test_table_time_counts_reused_runs_divided_by_the_runs_that_shared_the_cores
     # in the table, so the spans would count them whole: back to the layout.
     (tmp_path / "t" / "A-s1" / "run_info.json").write_text(json.dumps({"started": "2026-12-02T11:20:00"}))
     assert provenance.table_wall_s(runs, loads, at_once=2) == 3600.0 + 900.0 + 600.0
+    # A run with samples (newer code, another sitting) is counted by them, and the runs without by
+    # their spans among themselves (one sitting): A-s0 and B-s0 as above, A-s1 by [2, 1].
+    (tmp_path / "t" / "A-s1.load.json").write_text(json.dumps({"load": [1.0], "tables": [], "at_once": 2,
+                                                               "together": [2, 1]}))
+    assert provenance.table_wall_s(runs, loads, at_once=2) == pytest.approx(
+        (1800 / 2 + 1800) + 1800 / 2 + 1200 / 1.5)
+    (tmp_path / "t" / "A-s1.load.json").unlink()
     # A run started twice (its wall time adds up both starts) leaves no span: back to the layout.
     (tmp_path / "t" / "A-s1" / "run_info.json").write_text(json.dumps(
         {"started": "2026-12-02T10:50:00", "earlier_starts": [{"started": "2026-12-01T09:00:00"}]}))
