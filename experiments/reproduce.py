@@ -205,9 +205,9 @@ def move_aside(job: Job, why: str) -> None:
           flush=True)
 
 
-def run_all(spec: dict, name: str, jobs_at_once: int | None, reuse: str, sharing: Sharing) -> tuple[dict, int, int]:
+def run_all(spec: dict, name: str, jobs_at_once: int | None, keep: str, sharing: Sharing) -> tuple[dict, int, int]:
     """Run what is missing; return ({(label, seed): summary}, runs at a time, threads per process).
-    reuse: "all" (runs here and committed records), "here" (--no-records) or "none" (--fresh)."""
+    keep: "all" (runs here and committed records), "here" (--no-records) or "none" (--fresh)."""
     jobs = all_jobs(spec, name)
     # Before anything touches them (restore, move aside): a run directory trained twice at once breaks.
     waiting = [j for j in jobs if j.table != name and not j.finished]
@@ -218,10 +218,10 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, reuse: str, sharing
                  f"them; run this table again when they end")
     todo = []
     for job in jobs:
-        if reuse == "all" and job.restore_record():
+        if keep == "all" and job.restore_record():
             print(f"reproduce: restored {os.path.relpath(job.dir, ROOT)} from {os.path.relpath(job.record, ROOT)}",
                   flush=True)
-        why = "--fresh" if reuse == "none" and job.dir.exists() else (job.mismatch() if job.dir.exists() else None)
+        why = "--fresh" if keep == "none" and job.dir.exists() else (job.mismatch() if job.dir.exists() else None)
         if why:
             move_aside(job, why)
         if not job.finished:
@@ -247,7 +247,7 @@ def run_all(spec: dict, name: str, jobs_at_once: int | None, reuse: str, sharing
         if stopped:
             stop_runs(running, stopped[0])
             bar.close()
-            again = "again with --no-records instead of --fresh" if reuse == "none" else "again"
+            again = "again with --no-records instead of --fresh" if keep == "none" else "again"
             print(f"reproduce: stopped by {signal.Signals(stopped[0]).name}; {len(running)} running run(s) asked to "
                   f"checkpoint and stop ({', '.join(j.dir.name for j in running) or 'none'}); run the same command "
                   f"{again} to resume (exit 75)", file=sys.stderr, flush=True)
@@ -312,7 +312,7 @@ def finished_runs(spec: dict, name: str) -> dict:
     return {(j.label, j.seed): json.loads((j.dir / "summary.json").read_text()) for j in jobs}
 
 
-def reproduce(name: str, jobs: int | None, reuse: str = "all", render_only: bool = False) -> Path:
+def reproduce(name: str, jobs: int | None, keep: str = "all", render_only: bool = False) -> Path:
     spec = tables.load_spec(name, SPECS)
     start = time.perf_counter()
     sharing = Sharing(name, RUNS)
@@ -320,7 +320,7 @@ def reproduce(name: str, jobs: int | None, reuse: str = "all", render_only: bool
         if render_only:
             summaries, at_once, threads = finished_runs(spec, name), jobs or 0, 0
         else:
-            summaries, at_once, threads = run_all(spec, name, jobs, reuse, sharing)
+            summaries, at_once, threads = run_all(spec, name, jobs, keep, sharing)
     finally:
         sharing.close()
     elapsed = time.perf_counter() - start
@@ -360,9 +360,9 @@ def main() -> int:
     parser.add_argument("table", help="a spec in configs/reproduce/, 'all' (every headline table, then the "
                                       "summary) or 'summary' (results/README.md only)")
     parser.add_argument("--jobs", type=int, help="runs at a time (default: as many as the cores hold)")
-    parser.add_argument("--fresh", dest="reuse", action="store_const", const="none", default="all",
+    parser.add_argument("--fresh", dest="keep", action="store_const", const="none", default="all",
                         help="move every existing run aside and run it again")
-    parser.add_argument("--no-records", dest="reuse", action="store_const", const="here",
+    parser.add_argument("--no-records", dest="keep", action="store_const", const="here",
                         help="train every run this checkout has not: restore none from results/run_records/ (a "
                              "fresh clone trains the whole table; killed, the same command resumes it)")
     parser.add_argument("--render-only", action="store_true",
@@ -376,7 +376,7 @@ def main() -> int:
     try:
         names = headline_specs() if args.table == "all" else [] if args.table == "summary" else [args.table]
         for name in names:
-            reproduce(name, args.jobs, args.reuse, args.render_only)
+            reproduce(name, args.jobs, args.keep, args.render_only)
     except ConfigError as err:
         print(f"reproduce: a row's config is invalid: {err}", file=sys.stderr)
         return 2

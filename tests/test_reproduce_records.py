@@ -92,8 +92,8 @@ class _Trains(Exception):
     pass
 
 
-@pytest.mark.parametrize("reuse", ["all", "here"])
-def test_no_records_trains_a_recorded_run_here_instead_of_restoring_it(tmp_path, monkeypatch, reuse):
+@pytest.mark.parametrize("keep", ["all", "here"])
+def test_no_records_trains_a_recorded_run_here_instead_of_restoring_it(tmp_path, monkeypatch, keep):
     """`reproduce --no-records` is how a user checks a table by training it: a run that has a
     committed record but no directory here is trained, not restored (by default it is restored)."""
     spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
@@ -117,12 +117,12 @@ def test_no_records_trains_a_recorded_run_here_instead_of_restoring_it(tmp_path,
     monkeypatch.setattr(reproduce.Job, "start", start)
     sharing = reproduce.Sharing("smoke")
     try:
-        if reuse == "all":
-            summaries, _, _ = reproduce.run_all(spec, "smoke", 1, reuse, sharing)
+        if keep == "all":
+            summaries, _, _ = reproduce.run_all(spec, "smoke", 1, keep, sharing)
             assert len(summaries) == len(jobs)  # all restored, nothing trained
         else:
             with pytest.raises(_Trains) as first:
-                reproduce.run_all(spec, "smoke", 1, reuse, sharing)
+                reproduce.run_all(spec, "smoke", 1, keep, sharing)
             assert str(first.value) == jobs[0].dir.name and not jobs[0].finished
             assert not any(j.finished for j in jobs)  # none restored
     finally:
