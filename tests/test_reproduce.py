@@ -89,10 +89,13 @@ def test_summary_page_names_both_sides_and_counts_the_recorded_runs_of_an_unfini
     row = next(line for line in page.splitlines() if line.startswith("| X beats its own start"))
     assert "X: 80.50 ± 0.71; start: 80.30 ± 1.13" in row and "(+0.50, -0.10)" in row, row
     assert "**does not hold here**" in row, row  # 1 seed of 2 agrees with the mean: not most
-    assert "2.0 h of wall time" in page
+    assert "2.0 h of wall time in all (done 2.00 h;" in page and "Every table is within 2 hours." in page
     assert "`half` (no results/half.json: 3 of its 6 runs recorded in results/run_records/half/" in page, page
     assert "`done`'s claim(s) 'Y (added later)' (not yet in results/done.json: run `./run.sh reproduce done`)" in page
     assert "Out of date" not in page
+    (tmp_path / "results" / "done.json").write_text(json.dumps({"elapsed_s": 7300, "claims": []}))
+    assert "Over the 2-hour budget of a table as measured, sharing included: done." in \
+        summary.write(tmp_path, ["done", "half"]).read_text()
     page = summary.write(tmp_path, ["done", "half"], {"done": ["its config differs in optim.lr"] * 2, "half": []})
     assert "Out of date" in page.read_text() and "`done` (2 recorded run(s) would rerun: its config differs in " \
         "optim.lr)." in page.read_text() and "`half` (" not in page.read_text().split("Out of date")[1]
