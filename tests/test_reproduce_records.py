@@ -61,11 +61,11 @@ def test_a_finished_run_survives_a_new_machine_through_its_record(tmp_path, monk
     assert not other.keep_weights and not other.restore_record()  # no record: nothing to restore
 
 
-def test_a_run_that_finished_without_its_record_gets_one_at_the_next_invocation(tmp_path, monkeypatch):
-    """A run can finish while its `reproduce` is being stopped, before the record is written; the
-    next invocation finds it finished (nothing to train) and must still record it."""
+def _finished_smoke_table(tmp_path, monkeypatch) -> tuple[dict, list]:
+    """The smoke spec as a results/ table (its runs are recorded), every run finished at HEAD under
+    tmp_path, none recorded yet."""
     spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
-    spec["output"] = "results/smoke.md"  # a results/ table: its runs are recorded
+    spec["output"] = "results/smoke.md"
     monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(reproduce, "RECORDS", tmp_path / "records")
     monkeypatch.setenv("SWA_REPRODUCE_ACTIVE", str(tmp_path / "active"))
@@ -76,6 +76,13 @@ def test_a_run_that_finished_without_its_record_gets_one_at_the_next_invocation(
         (job.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(job.config), sort_keys=False))
         (job.dir / "run_info.json").write_text(json.dumps({"git_commit": head}))
         (job.dir / "summary.json").write_text(json.dumps({"final": {"wall_s": 1.0}}))
+    return spec, jobs
+
+
+def test_a_run_that_finished_without_its_record_gets_one_at_the_next_invocation(tmp_path, monkeypatch):
+    """A run can finish while its `reproduce` is being stopped, before the record is written; the
+    next invocation finds it finished (nothing to train) and must still record it."""
+    spec, jobs = _finished_smoke_table(tmp_path, monkeypatch)
     jobs[0].save_record()
     assert [(tmp_path / "records" / "smoke" / j.dir.name / "summary.json").exists() for j in jobs] == \
         [True] + [False] * (len(jobs) - 1)
@@ -96,18 +103,8 @@ class _Trains(Exception):
 def test_no_records_trains_a_recorded_run_here_instead_of_restoring_it(tmp_path, monkeypatch, keep):
     """`reproduce --no-records` is how a user checks a table by training it: a run that has a
     committed record but no directory here is trained, not restored (by default it is restored)."""
-    spec = yaml.safe_load((REPO_ROOT / "configs/reproduce/smoke_baselines.yaml").read_text())
-    spec["output"] = "results/smoke.md"  # a results/ table: its runs are recorded
-    monkeypatch.setattr(reproduce, "RUNS", tmp_path / "runs")
-    monkeypatch.setattr(reproduce, "RECORDS", tmp_path / "records")
-    monkeypatch.setenv("SWA_REPRODUCE_ACTIVE", str(tmp_path / "active"))
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    jobs = reproduce.all_jobs(spec, "smoke")
+    spec, jobs = _finished_smoke_table(tmp_path, monkeypatch)
     for job in jobs:  # every run recorded, as in a fresh clone of a finished table
-        job.dir.mkdir(parents=True)
-        (job.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(job.config), sort_keys=False))
-        (job.dir / "run_info.json").write_text(json.dumps({"git_commit": head}))
-        (job.dir / "summary.json").write_text(json.dumps({"final": {"wall_s": 1.0}}))
         job.save_record()
     shutil.rmtree(tmp_path / "runs")
 
