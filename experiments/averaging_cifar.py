@@ -2,7 +2,7 @@
 
     python experiments/averaging_cifar.py --config configs/averaging/cifar10_resnet9_lawa_reduced.yaml
     ./run.sh mpirun -np 2 python experiments/averaging_cifar.py --config configs/averaging/... run.seed=1
-    ./run.sh reproduce averaging      # time to target, window sweep, LR decay -> results/averaging_reduced.md
+    ./run.sh reproduce averaging      # time to target, window sweep, LR decay -> results/averaging_cifar10_reduced.md
 """
 import sys
 from pathlib import Path

@@ -64,6 +64,10 @@ def test_paired_differences_and_percent_or_error():
     ([-0.03, -0.01, 0.08], "positive", "does not hold here"),  # the mean agrees, one seed of 3: noise
     ([-585, 0, 0], "negative", "does not hold here"),  # a tie is not fewer steps
     ([0.05, 0.32, -0.12], "within 0.3", "partly"),  # 2 of 3 within the margin, and the mean
+    ([-0.74, -0.91, -0.5], "at most 0.3", "holds"),  # b well above a: not worse
+    ([-0.74, -0.91, -0.5], "within 0.3", "does not hold here"),  # the same, read as "no difference"
+    ([0.4, 0.1, -0.2], "at most 0.3", "partly"),
+    ([0.4, 0.5, -0.2], "at most 0.3", "does not hold here"),
 ])
 def test_claim_verdicts(diffs, expect, verdict):
     assert summary.verdict(diffs, expect) == verdict
