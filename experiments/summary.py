@@ -38,8 +38,9 @@ from experiments.tables import mean_std
 
 BUDGET_S = 2 * 3600.0  # a table's budget on the 2-core machine (issue 13)
 RULE = ("holds: every seed's paired difference has the sign the claim predicts (or, for a claim of no "
-        "difference, lies within its margin, or for a claim of no loss, is at most its bound); partly: the mean does and so do most seeds, but not every "
-        "seed; does not hold here: the mean does not, or only a minority of seeds do")
+        "difference, lies within its margin, or for a claim of no loss, is at most its bound); partly: the "
+        "mean does and so do most seeds, but not every seed; does not hold here: the mean does not, or only a "
+        "minority of seeds do")
 
 
 def verdict(diffs: list[float], expect: str) -> str:
