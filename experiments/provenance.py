@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from experiments.reuse import neutral_lines
+from experiments.reuse import neutral_lines, unquote
 from swa_lib.run_log import library_versions, machine_description, run_commits
 
 
@@ -38,7 +38,8 @@ def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float,
         f = dir_of(label, seed).with_name(dir_of(label, seed).name + ".load.json")
         state = json.loads(f.read_text()) if f.exists() else {}
         if info["git_commit"].endswith("-dirty"):
-            dirty = None if dirty is None or "dirty_paths" not in state else dirty | set(state["dirty_paths"])
+            had = state.get("dirty_paths")
+            dirty = None if dirty is None or had is None else dirty | set(map(unquote, had))
         if state:
             loads += state["load"]
             others |= set(state["tables"])

@@ -163,13 +163,11 @@ class Job:
         tracked files modified at this (re)start. A run whose commit reads '-dirty' stays reusable if
         none of them is code (`mismatch`): an edited README or table during a long table must not
         cost its runs. Written at the start, so a run that ends before its first load sample has both."""
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                             capture_output=True, text=True).stdout
         if not self.dir.exists():  # a new run: a load file left by an earlier one is not its own
             self.load_file.unlink(missing_ok=True)
         state = self.load_state()
         state.update(at_once=at_once, threads=self.threads)
-        state["dirty_paths"] = sorted(set(state.get("dirty_paths", [])) | {line[3:] for line in out.splitlines()})
+        state["dirty_paths"] = sorted(set(state.get("dirty_paths", [])) | set(reuse.modified_paths(ROOT)))
         self.load_file.write_text(json.dumps(state))
 
     def start(self, threads: int, at_once: int) -> subprocess.Popen:

@@ -60,13 +60,37 @@ def config_mismatch(had: dict | None, want: Config) -> str | None:
     return f"its config differs in {', '.join(differing)}" if differing else None
 
 
+def modified_paths(root: Path = ROOT) -> list[str]:
+    """The checkout's modified tracked files, as plain paths. `git status --porcelain` without -z
+    quotes a path that holds a space (every run directory name here), which no prefix test matches."""
+    fields = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=no"], cwd=root,
+                            capture_output=True, text=True).stdout.split("\0")
+    paths, i = [], 0
+    while i < len(fields):
+        if fields[i]:
+            paths.append(fields[i][3:])
+            if "R" in fields[i][:2] or "C" in fields[i][:2]:  # -z: a rename's source is the next field
+                i += 1
+                paths.append(fields[i])
+        i += 1
+    return paths
+
+
+def unquote(path: str) -> str:
+    """A path as load files before modified_paths kept it: '"a b/c"' (git's C-style quoting) -> 'a b/c'."""
+    if len(path) > 1 and path[0] == path[-1] == '"':
+        return path[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape").encode("latin-1").decode()
+    return path
+
+
 def code_mismatch(commit: str, entry: str, dirty_paths: list[str] | None) -> str | None:
     """Why code at `commit` (maybe '<hash>-dirty', with the tracked files then modified) is not
     HEAD's code for a run of `entry`, or None. The row's config file is not among the paths: the
     resolved config is compared exactly, and a comment in the file does not change a run."""
     paths = [*CODE_PATHS, entry]
     if commit.endswith("-dirty"):
-        code = [d for d in dirty_paths or [] if any(d == p or d.startswith(p.rstrip("/") + "/") for p in paths)]
+        code = [d for d in map(unquote, dirty_paths or [])
+                if any(d == p or d.startswith(p.rstrip("/") + "/") for p in paths)]
         if dirty_paths is None or code:
             return (f"it ran from a modified tree ({commit}"
                     + (f"; modified code: {', '.join(code)})" if code else "; which files, not recorded)"))

@@ -209,15 +209,38 @@ def test_a_run_is_reused_only_with_the_same_config_and_code(tmp_path, monkeypatc
     job.threads = 1
     job.note_start(at_once=2)  # what `start` keeps: the checkout's modified tracked files, whatever the cwd
     state = json.loads(job.load_file.read_text())
-    assert set(state["dirty_paths"]) == {
-        line[3:] for line in subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                                            capture_output=True, text=True).stdout.splitlines()}
+    assert set(state["dirty_paths"]) == set(reuse.modified_paths(REPO_ROOT))
     assert (state["at_once"], state["threads"]) == (2, 1)  # the layout, before any load sample
     job.load_file.unlink()
     record(to_dict(job.config), "unknown")
     assert job.mismatch() == "it ran from an unknown tree"
     record(to_dict(job.config), first)  # the first commit had none of today's code
     assert "the code changed since its commit" in job.mismatch()
+
+
+def test_modified_paths_are_plain_paths_even_with_spaces_and_renames(tmp_path):
+    """Run directories here have spaces in their names; git's default porcelain quotes such a path
+    ('"swa_lib/a b.py"'), and a quoted code path would pass the reuse check's prefix test unseen."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "swa_lib").mkdir()
+    for name in ("swa_lib/a b.py", "old name.txt", "same.txt"):
+        (tmp_path / name).write_text("x\n")
+    git("add", "-A")
+    git("commit", "-qm", "base")
+    assert reuse.modified_paths(tmp_path) == []
+    (tmp_path / "swa_lib" / "a b.py").write_text("y\n")
+    git("mv", "old name.txt", "new name.txt")
+    assert sorted(reuse.modified_paths(tmp_path)) == ["new name.txt", "old name.txt", "swa_lib/a b.py"]
+    # Load files written before this kept git's quoted form; both forms read as the same path.
+    assert reuse.unquote('"swa_lib/a b.py"') == "swa_lib/a b.py" == reuse.unquote("swa_lib/a b.py")
+    assert reuse.unquote('"caf\\303\\251 \\"q\\".md"') == 'caf\u00e9 "q".md'
+    for dirty in (['"swa_lib/a b.py"'], ["swa_lib/a b.py"]):
+        assert "modified code: swa_lib/a b.py" in reuse.code_mismatch("abc-dirty", "experiments/x.py", dirty)
+    assert provenance._grouped({reuse.unquote('"results/a b/c.json"'), "README.md"}) == "README.md, results/ (1 file)"
 
 
 def test_reuse_survives_only_commits_declared_result_neutral(tmp_path, monkeypatch):
