@@ -18,10 +18,10 @@ Each table spec lists the claims it tests (`claims:` in configs/reproduce/<name>
 The verdict is mechanical, from the paired per-seed differences:
   holds                every seed's difference has the predicted sign (or is within the margin,
                        or at most the bound);
-  partly               the mean has the predicted sign (or is within the margin), and so do most
-                       seeds (2 of 3), not all;
+  partly               the mean has the predicted sign (or is within the margin, or at most the
+                       bound), and so do most seeds (2 of 3), not all;
   does not hold here   otherwise: the mean has the other sign, or is zero (or is outside the
-                       margin), or only a minority of seeds agree with it (+0.01 from -0.03,
+                       margin or above the bound), or only a minority of seeds agree with it (+0.01 from -0.03,
                        -0.01, +0.08 is noise around zero, not a partial effect).
 `./run.sh reproduce <table>` writes results/<table>.json; this page reads only those files,
 so it regenerates from a clean checkout without any run directory.
