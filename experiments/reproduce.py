@@ -95,13 +95,13 @@ class Job:
 
     def mismatch(self) -> str | None:
         """Why the run directory cannot be reused or resumed, or None if it can (experiments/reuse.py)."""
-        return reuse.run_mismatch(self.dir, self.config, self.entry, self.load_state())
+        return reuse.run_mismatch(self.dir, self.config, self.entry, self.load_state(), self.processes)
 
     def record_mismatch(self) -> str | None:
         """The same question for the run's record: would this checkout reuse it on a new machine?"""
         load = self.record / "load.json"
         return reuse.run_mismatch(self.record, self.config, self.entry,
-                                  json.loads(load.read_text()) if load.exists() else {})
+                                  json.loads(load.read_text()) if load.exists() else {}, self.processes)
 
     def save_record(self) -> None:
         """Copy what a finished run's table, figures and TensorBoard need into its record.

@@ -1,7 +1,8 @@
 """When a finished or interrupted run of a table may be reused (experiments/reproduce.py).
 
-A run is reusable when its resolved config equals the one asked for (keys that only say where
-files live, swa_lib.config.IDENTITY_NEUTRAL, aside) and the code it ran does not differ from HEAD
+A run is reusable when it ran on as many processes as asked, its resolved config equals the one
+asked for (keys that only say where files live, swa_lib.config.IDENTITY_NEUTRAL, aside) and the
+code it ran does not differ from HEAD
 in swa_lib/, models/, data/ or its entry point, except by commits declared result-neutral in
 experiments/result_neutral.yaml. A run from a modified tree counts only if none of the modified
 files was code.
@@ -39,13 +40,18 @@ def code_changes_since(commit: str, paths: list[str]) -> list[str] | None:
     return out.split()
 
 
-def run_mismatch(run_dir: Path, want: Config, entry: str, load_state: dict) -> str | None:
-    """Why the run in `run_dir` (a run directory or its record) cannot be reused, or None if it can."""
+def run_mismatch(run_dir: Path, want: Config, entry: str, load_state: dict, processes: int) -> str | None:
+    """Why the run in `run_dir` (a run directory or its record) cannot be reused, or None if it can.
+    The process count is part of a run's identity: the same config on 2 or 4 processes splits the
+    global batch differently (batch norm's batch, the data shards), so it is a different run."""
     try:
         had = yaml.safe_load((run_dir / "config.yaml").read_text())
-        commits = run_commits(json.loads((run_dir / "run_info.json").read_text()))
+        info = json.loads((run_dir / "run_info.json").read_text())
+        commits = run_commits(info)
     except (OSError, ValueError, KeyError):
         return "it has no readable config.yaml / run_info.json"
+    if info.get("world_size") != processes:
+        return f"it ran on {info.get('world_size')} processes, not {processes}"
     # A resumed run is reusable only if the code of every start is HEAD's.
     return config_mismatch(had, want) or next(
         filter(None, (code_mismatch(c, entry, load_state.get("dirty_paths")) for c in dict.fromkeys(commits))), None)

@@ -74,7 +74,8 @@ def _finish(job, wall_s: float, acc: float) -> None:
     job.dir.mkdir(parents=True)
     (job.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(job.config), sort_keys=False))
     (job.dir / "run_info.json").write_text(json.dumps({
-        "git_commit": head, "machine": "vm", "started": f"2026-01-01T0{job.seed}:00:00",  # one after another
+        "world_size": job.processes, "git_commit": head, "machine": "vm",
+        "started": f"2026-01-01T0{job.seed}:00:00",  # one after another
         "config": to_dict(job.config)}))
     (job.dir / "summary.json").write_text(json.dumps({
         "final": {"output/acc": acc, "wall_s": wall_s}, "history": [], "steps": 10,

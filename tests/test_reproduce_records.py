@@ -74,7 +74,7 @@ def _finished_smoke_table(tmp_path, monkeypatch) -> tuple[dict, list]:
     for job in jobs:
         job.dir.mkdir(parents=True)
         (job.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(job.config), sort_keys=False))
-        (job.dir / "run_info.json").write_text(json.dumps({"git_commit": head}))
+        (job.dir / "run_info.json").write_text(json.dumps({"world_size": job.processes, "git_commit": head}))
         (job.dir / "summary.json").write_text(json.dumps({"final": {"wall_s": 1.0}}))
     return spec, jobs
 

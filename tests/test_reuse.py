@@ -1,5 +1,5 @@
-"""Run reuse: a finished run (or its committed record) counts for a table only with the same config
-and code, across commits declared result-neutral, and with modified paths read exactly."""
+"""Run reuse: a finished run (or its committed record) counts for a table only with the same config,
+process count and code, across commits declared result-neutral, and with modified paths read exactly."""
 from __future__ import annotations
 
 import json
@@ -29,7 +29,7 @@ def test_out_of_date_reads_the_records_as_a_new_machine_would(tmp_path, monkeypa
         job.record.mkdir(parents=True)
         (job.record / "summary.json").write_text("{}")
         (job.record / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        (job.record / "run_info.json").write_text(json.dumps({"git_commit": head}))
+        (job.record / "run_info.json").write_text(json.dumps({"world_size": job.processes, "git_commit": head}))
     assert reproduce.out_of_date("smoke_baselines") == ["its config differs in optim.lr"]
 
 
@@ -44,11 +44,14 @@ def test_a_run_is_reused_only_with_the_same_config_and_code(tmp_path, monkeypatc
     def record(config: dict, commit: str) -> None:
         job.dir.mkdir(parents=True, exist_ok=True)
         (job.dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        (job.dir / "run_info.json").write_text(json.dumps({"git_commit": commit}))
+        (job.dir / "run_info.json").write_text(json.dumps({"world_size": job.processes, "git_commit": commit}))
 
     assert "no readable config" in job.mismatch()
     record(to_dict(job.config), head)
     assert job.mismatch() is None  # same config, same code: reusable
+    # The same config on another process count is another run (batch norm's batch, the shards).
+    (job.dir / "run_info.json").write_text(json.dumps({"world_size": job.processes + 2, "git_commit": head}))
+    assert job.mismatch() == f"it ran on {job.processes + 2} processes, not {job.processes}"
     changed = to_dict(job.config)
     changed["optim"]["lr"] = 0.5
     record(changed, head)
@@ -136,7 +139,7 @@ def test_reuse_survives_only_commits_declared_result_neutral(tmp_path, monkeypat
     monkeypatch.setattr(reuse, "NEUTRAL", repo / "experiments" / "result_neutral.yaml")
     job.dir.mkdir(parents=True)
     (job.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(job.config), sort_keys=False))
-    (job.dir / "run_info.json").write_text(json.dumps({"git_commit": base}))
+    (job.dir / "run_info.json").write_text(json.dumps({"world_size": job.processes, "git_commit": base}))
     entries = {job.entry}
 
     assert job.mismatch() == (f"the code changed since its commit {base[:10]} (swa_lib, models, data, "
@@ -154,10 +157,12 @@ def test_reuse_survives_only_commits_declared_result_neutral(tmp_path, monkeypat
     git("checkout", "-q", "-")
     declare(message, real, side)
     assert job.mismatch() is None  # every commit since `base` on HEAD's history is declared
-    (job.dir / "run_info.json").write_text(json.dumps({"git_commit": side}))
+    (job.dir / "run_info.json").write_text(json.dumps({"world_size": job.processes, "git_commit": side}))
     assert job.mismatch() == f"the code changed since its commit {side[:10]} (swa_lib, models, data, {job.entry})"
     # A run resumed at HEAD after starting on `side`: the earlier start's code counts too.
-    (job.dir / "run_info.json").write_text(json.dumps({"git_commit": real, "earlier_starts": [{"git_commit": side}]}))
+    (job.dir / "run_info.json").write_text(json.dumps({"world_size": job.processes, "git_commit": real,
+                                                       "earlier_starts": [{"git_commit": side}]}))
     assert job.mismatch() == f"the code changed since its commit {side[:10]} (swa_lib, models, data, {job.entry})"
-    (job.dir / "run_info.json").write_text(json.dumps({"git_commit": real, "earlier_starts": [{"git_commit": base}]}))
+    (job.dir / "run_info.json").write_text(json.dumps({"world_size": job.processes, "git_commit": real,
+                                                       "earlier_starts": [{"git_commit": base}]}))
     assert job.mismatch() is None
