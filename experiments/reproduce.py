@@ -300,13 +300,21 @@ def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
 
 
 def finished_runs(spec: dict, name: str) -> dict:
-    """Every run's summary, as the runs are (for --render-only); names any run that is missing."""
-    jobs = all_jobs(spec, name)
+    """Every run's summary, as the runs are (for --render-only), whatever code they ran; but a run
+    directory holding another run (another config or process count, e.g. left from before the row
+    changed) is moved aside for the record. Names any run that is missing or still another run."""
+    jobs, moved = all_jobs(spec, name), {}
     for job in jobs:
+        if job.dir.exists() and (why := reuse.identity_mismatch(job.dir, job.config, job.processes)):
+            move_aside(job, why)
+            moved[job] = f" (the run there was moved aside: {why})"
         job.restore_record()
-    missing = [j.dir.name for j in jobs if not j.finished]
+    missing = [j.dir.name + moved.get(j, "") for j in jobs if not j.finished]
     if missing:
         sys.exit(f"reproduce: --render-only needs every run finished; missing: {', '.join(missing)}")
+    other = [f"{j.dir.name} ({why})" for j in jobs if (why := reuse.identity_mismatch(j.dir, j.config, j.processes))]
+    if other:
+        sys.exit(f"reproduce: --render-only found runs that are not the ones the spec asks for: {'; '.join(other)}")
     return {(j.label, j.seed): json.loads((j.dir / "summary.json").read_text()) for j in jobs}
 
 
@@ -365,7 +373,8 @@ def main() -> int:
                              "fresh clone trains the whole table; killed, the same command resumes it)")
     parser.add_argument("--render-only", action="store_true",
                         help="write the table from the finished runs as they are, without checking that "
-                             "their config and code match this checkout (their commits are listed)")
+                             "their code matches this checkout (their commits are listed); a run directory "
+                             "holding another config or process count is moved aside for the run's record")
     args = parser.parse_args()
     known = sorted(p.stem for p in SPECS.glob("*.yaml"))
     if args.table not in (*known, "all", "summary"):

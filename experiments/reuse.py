@@ -45,16 +45,25 @@ def run_mismatch(run_dir: Path, want: Config, entry: str, load_state: dict, proc
     The process count is part of a run's identity: the same config on 2 or 4 processes splits the
     global batch differently (batch norm's batch, the data shards), so it is a different run."""
     try:
-        had = yaml.safe_load((run_dir / "config.yaml").read_text())
-        info = json.loads((run_dir / "run_info.json").read_text())
-        commits = run_commits(info)
+        commits = run_commits(json.loads((run_dir / "run_info.json").read_text()))
     except (OSError, ValueError, KeyError):
         return "it has no readable config.yaml / run_info.json"
-    if info.get("world_size") != processes:
-        return f"it ran on {info.get('world_size')} processes, not {processes}"
     # A resumed run is reusable only if the code of every start is HEAD's.
-    return config_mismatch(had, want) or next(
+    return identity_mismatch(run_dir, want, processes) or next(
         filter(None, (code_mismatch(c, entry, load_state.get("dirty_paths")) for c in dict.fromkeys(commits))), None)
+
+
+def identity_mismatch(run_dir: Path, want: Config, processes: int) -> str | None:
+    """Why the run in `run_dir` is not the run asked for, whatever code it ran: another process count
+    or another config. --render-only takes runs across code changes, never across these."""
+    try:
+        had = yaml.safe_load((run_dir / "config.yaml").read_text())
+        world_size = json.loads((run_dir / "run_info.json").read_text()).get("world_size")
+    except (OSError, ValueError):
+        return "it has no readable config.yaml / run_info.json"
+    if world_size != processes:
+        return f"it ran on {world_size} processes, not {processes}"
+    return config_mismatch(had, want)
 
 
 def config_mismatch(had: dict | None, want: Config) -> str | None:

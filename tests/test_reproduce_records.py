@@ -177,3 +177,28 @@ def test_a_record_keeps_in_process_workers_weights_for_the_error_plane(tmp_path,
         assert set(state) == {"model"} and torch.equal(state["model"]["w"], models[k]["w"])
     from experiments.swap_plots import _worker_states
     assert [s["w"][0].item() for s in _worker_states(job.record / "checkpoints" / "e0002-final", 2)] == [0.0, 1.0]
+
+
+def test_render_only_takes_the_record_over_a_run_directory_that_holds_another_run(tmp_path, monkeypatch):
+    """--render-only renders runs across code changes, but a run directory left from before its row
+    changed (another config or process count) is another run: the record is taken instead, and a
+    run that no record replaces is named, not rendered."""
+    spec, jobs = _finished_smoke_table(tmp_path, monkeypatch)
+    for job, acc in zip(jobs, (0.5, 0.6, 0.7, 0.8), strict=False):
+        (job.dir / "summary.json").write_text(json.dumps({"final": {"wall_s": 1.0, "output/acc": acc}}))
+        job.save_record()
+    first, second = jobs[0], jobs[1]
+    stale = to_dict(first.config)
+    stale["optim"]["lr"] = 0.5
+    (first.dir / "config.yaml").write_text(yaml.safe_dump(stale, sort_keys=False))
+    (first.dir / "summary.json").write_text(json.dumps({"final": {"wall_s": 1.0, "output/acc": 0.1}}))
+    (second.dir / "run_info.json").write_text(json.dumps({"world_size": second.processes + 2}))
+    (second.dir / "summary.json").write_text(json.dumps({"final": {"wall_s": 1.0, "output/acc": 0.2}}))
+    summaries = reproduce.finished_runs(spec, "smoke")
+    assert summaries[(first.label, first.seed)]["final"]["output/acc"] == 0.5  # the record, not the stale run
+    assert summaries[(second.label, second.seed)]["final"]["output/acc"] == 0.6
+    assert len(list((tmp_path / "runs" / "smoke" / ".stale").iterdir())) == 2  # moved aside, not deleted
+    shutil.rmtree(tmp_path / "records" / "smoke" / first.dir.name)
+    (first.dir / "config.yaml").write_text(yaml.safe_dump(stale, sort_keys=False))
+    with pytest.raises(SystemExit, match=f"missing: {first.dir.name} .*its config differs in optim.lr"):
+        reproduce.finished_runs(spec, "smoke")

@@ -43,6 +43,8 @@ def test_every_table_spec_is_well_formed(spec_path):
         assert ref.partition("@")[0] in labels, f"{spec_path.name}: {ref!r} names no row (rows: {labels})"
     for claim in spec.get("claims", []):
         summary.verdict([1.0], claim["expect"])  # raises on an unknown expectation
+        # a name with a comma, unquoted in a YAML list ([LB (2 x 1,024), ...]), splits in two
+        assert len(claim.get("names", ["a", "b"])) == 2, f"{spec_path.name}: {claim['claim']!r}: names needs 2 entries"
     for entry in spec.get("plots", []):
         module, function = entry.split(":")
         assert callable(getattr(importlib.import_module(module), function))
