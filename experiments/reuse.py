@@ -2,10 +2,9 @@
 
 A run is reusable when it ran on as many processes as asked, its resolved config equals the one
 asked for (keys that only say where files live, swa_lib.config.IDENTITY_NEUTRAL, aside) and the
-code it ran does not differ from HEAD
-in swa_lib/, models/, data/ or its entry point, except by commits declared result-neutral in
-experiments/result_neutral.yaml. A run from a modified tree counts only if none of the modified
-files was code.
+code it ran does not differ from HEAD in swa_lib/, models/, data/ or its entry point, except by
+commits declared result-neutral in experiments/result_neutral.yaml. A run from a modified tree
+counts only if none of the modified files was code.
 """
 from __future__ import annotations
 
