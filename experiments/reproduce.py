@@ -300,9 +300,8 @@ def make_plots(spec: dict, name: str, summaries: dict) -> list[str]:
 
 
 def finished_runs(spec: dict, name: str) -> dict:
-    """Every run's summary, as the runs are (for --render-only), whatever code they ran; but a run
-    directory holding another run (another config or process count, e.g. left from before the row
-    changed) is moved aside for the record. Names any run that is missing or still another run."""
+    """Every run's summary (for --render-only), whatever code it ran; a run directory holding another
+    config or process count (left from before its row changed) is moved aside for the record."""
     jobs, moved = all_jobs(spec, name), {}
     for job in jobs:
         if job.dir.exists() and (why := reuse.identity_mismatch(job.dir, job.config, job.processes)):
