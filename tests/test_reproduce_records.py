@@ -198,6 +198,10 @@ def test_render_only_takes_the_record_over_a_run_directory_that_holds_another_ru
     assert summaries[(first.label, first.seed)]["final"]["output/acc"] == 0.5  # the record, not the stale run
     assert summaries[(second.label, second.seed)]["final"]["output/acc"] == 0.6
     assert len(list((tmp_path / "runs" / "smoke" / ".stale").iterdir())) == 2  # moved aside, not deleted
+    (second.record / "run_info.json").write_text(json.dumps({"world_size": second.processes + 1}))
+    shutil.rmtree(second.dir)  # a record that is itself another run is named, not rendered
+    with pytest.raises(SystemExit, match=f"not the ones the spec asks for: {second.dir.name} \\(it ran on"):
+        reproduce.finished_runs(spec, "smoke")
     shutil.rmtree(tmp_path / "records" / "smoke" / first.dir.name)
     (first.dir / "config.yaml").write_text(yaml.safe_dump(stale, sort_keys=False))
     with pytest.raises(SystemExit, match=f"missing: {first.dir.name} .*its config differs in optim.lr"):
