@@ -72,6 +72,53 @@ def test_swa_is_the_equal_mean_of_the_epoch_end_weights(tmp_path):
         torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
 
 
+def test_dense_swa_is_the_mean_of_the_weights_every_n_steps_over_the_same_iterates(tmp_path):
+    # 10 steps an epoch: the dense average takes the end of epoch 1 (step 10), then steps 12, 16,
+    # 20 (also an epoch end, taken once), 24 and 28; the per-epoch average is untouched by it.
+    trainer = make(tmp_path, "dense", "method.dense_every_steps=4")
+    plain = make(tmp_path, "plain")
+    plain.fit()
+    taken = {}
+    after_step, after_epoch = trainer.strategy.after_step, trainer.strategy.after_epoch
+
+    def weights():
+        return [p.detach().clone() for p in trainer.ctx.model.parameters()]
+
+    def on_step(step):
+        after_step(step)
+        taken[step] = weights()
+
+    def on_epoch(epoch, metrics):
+        after_epoch(epoch, metrics)
+        taken[f"e{epoch + 1}"] = weights()
+
+    trainer.strategy.after_step, trainer.strategy.after_epoch = on_step, on_epoch
+    trainer.fit()
+    dense = trainer.strategy.dense
+    assert dense.n_averaged.item() == 6
+    for i, p in enumerate(dense.module.parameters()):
+        want = torch.stack([taken[k][i] for k in (10, 12, 16, 20, 24, 28)]).mean(0)
+        torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
+    # Same iterates and the same per-epoch average as a run without it.
+    for a, b in zip(plain.strategy.average.parameters(), trainer.strategy.average.parameters(), strict=True):
+        assert torch.equal(a, b)
+    final = trainer.history[-1]["results"]
+    assert set(final) == {"model", "swa", "swa_dense"} and final["swa"] == plain.history[-1]["results"]["swa"]
+    summary = json.loads((tmp_path / "dense" / "summary.json").read_text())
+    assert summary["final"]["swa_dense/snapshots"] == 6 and summary["final"]["swa/snapshots"] == 3
+    # A kill after epoch 1 resumes the dense average exactly.
+    make(tmp_path, "resumed", "method.dense_every_steps=4", "run.stop_after_epochs=2").fit()
+    resumed = make(tmp_path, "resumed", "method.dense_every_steps=4")
+    resumed.fit()
+    for a, b in zip(dense.parameters(), resumed.strategy.dense.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_dense_every_steps_must_be_positive():
+    with pytest.raises(ConfigError, match="method.dense_every_steps: 0"):
+        load_config(None, TINY + SWA + ["method.dense_every_steps=0"])
+
+
 def test_swa_learning_rate_takes_over_at_swa_start(tmp_path):
     trainer = make(tmp_path, "lr", "method.swa_start_epoch=2", "schedule.kind=cosine")
     s = trainer.strategy

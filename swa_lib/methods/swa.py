@@ -4,6 +4,12 @@ An equal average of the weights at the end of every `cycle_epochs` epochs from
 `swa_start_epoch` on, under a constant or cyclic SWA learning rate, followed by a
 recompute of the batch-norm statistics before the average is evaluated.
 
+With `dense_every_steps: N` the run also keeps a second equal average over the same window,
+updated at the end of epoch `swa_start_epoch` and then every N optimizer steps, evaluated as
+"swa_dense" (BN recomputed likewise). It trains nothing differently, so the two averages are
+over the same iterates: the paired difference isolates how many snapshots are averaged. The
+run's result stays the per-epoch "swa".
+
 Timing follows the official code: with 0-based epoch e, a snapshot is taken when
 e + 1 >= swa_start_epoch and (e + 1 - swa_start_epoch) % cycle_epochs == 0. From
 fractional epoch `swa_start_epoch` on, the SWA learning rate takes over: in constant
@@ -33,6 +39,7 @@ class SWAConfig:
     anneal_epochs: float = 0.0  # constant mode: linear move from the schedule's LR to swa_lr
     cycle_epochs: int = 1  # snapshot period; cyclic mode: LR cycle length
     cycle_max_lr: float | None = None  # cyclic mode: LR at the start of each cycle
+    dense_every_steps: int | None = None  # also average every N steps in the same window ("swa_dense")
 
     def validate(self, cfg) -> list[str]:
         p = []
@@ -49,6 +56,8 @@ class SWAConfig:
             p.append(f"method.cycle_epochs: {self.cycle_epochs} must be >= 1")
         if self.lr_mode == "cyclic" and (self.cycle_max_lr is None or self.cycle_max_lr < self.swa_lr):
             p.append(f"method.cycle_max_lr: {self.cycle_max_lr} must be set and >= swa_lr in cyclic mode")
+        if self.dense_every_steps is not None and self.dense_every_steps < 1:
+            p.append(f"method.dense_every_steps: {self.dense_every_steps} must be >= 1 (or unset)")
         return p
 
 
@@ -62,6 +71,8 @@ class SWA(Strategy):
         # Parameters are averaged; BN buffers are recomputed for the average before each
         # evaluation, which is the paper's procedure (use_buffers=False).
         self.average = AveragedModel(ctx.model, use_buffers=False)
+        self.dense = (AveragedModel(ctx.model, use_buffers=False)
+                      if self.cfg.method.dense_every_steps else None)
 
     @property
     def phase(self) -> str:
@@ -83,19 +94,40 @@ class SWA(Strategy):
     def planned_phase(self, epoch: int) -> str:
         return "swa" if epoch >= self.cfg.method.swa_start_epoch else "sgd"  # the LR takeover, too
 
+    def after_step(self, step: int) -> None:
+        # The dense average starts with the epoch-end snapshot of swa_start_epoch (after_epoch),
+        # so a step that ends an epoch is taken once.
+        if self.dense is not None and self.dense.n_averaged.item() > 0 \
+                and step % self.cfg.method.dense_every_steps == 0:
+            self.dense.update_parameters(self.ctx.model)
+
     def after_epoch(self, epoch: int, train_metrics: dict) -> None:
         m = self.cfg.method
         completed = epoch + 1
         if completed >= m.swa_start_epoch and (completed - m.swa_start_epoch) % m.cycle_epochs == 0:
             self.average.update_parameters(self.ctx.model)
+        if self.dense is not None and completed == m.swa_start_epoch:
+            self.dense.update_parameters(self.ctx.model)
 
     def eval_targets(self):
-        if self.average.n_averaged.item() == 0:
+        targets = {}
+        if self.average.n_averaged.item() > 0:
+            targets["swa"] = EvalTarget(self.average.module, recompute_bn=True)
+        if self.dense is not None and self.dense.n_averaged.item() > 0:
+            targets["swa_dense"] = EvalTarget(self.dense.module, recompute_bn=True)
+        return targets
+
+    def final_metrics(self) -> dict[str, float]:
+        if self.dense is None:
             return {}
-        return {"swa": EvalTarget(self.average.module, recompute_bn=True)}
+        return {"swa/snapshots": float(self.average.n_averaged.item()),
+                "swa_dense/snapshots": float(self.dense.n_averaged.item())}
 
     def state_dict(self) -> dict:
-        return {"average": self.average.state_dict()}
+        return {"average": self.average.state_dict(),
+                **({"dense": self.dense.state_dict()} if self.dense is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.average.load_state_dict(state["average"])
+        if self.dense is not None:
+            self.dense.load_state_dict(state["dense"])
