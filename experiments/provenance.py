@@ -11,6 +11,15 @@ from experiments.reuse import neutral_lines, unquote
 from swa_lib.run_log import library_versions, machine_description, run_commits
 
 
+def run_cpus(dir_of, keys) -> dict:
+    """{(label, seed): the CPU family/model/stepping its run trained on, "?" where not recorded}."""
+    cpus = {}
+    for label, seed in keys:
+        info = json.loads((dir_of(label, seed) / "run_info.json").read_text())
+        cpus[(label, seed)] = info.get("numerics", {}).get("cpu", {}).get("family_model_stepping") or "?"
+    return cpus
+
+
 def provenance(spec: dict, name: str, dir_of, summaries: dict, elapsed_s: float, at_once: int, threads: int,
                sharing, table_s: float) -> list[str]:
     """The provenance lines of a table: command, wall time, commits, machines, dates, sharing, data."""

@@ -13,11 +13,10 @@ processes per run, paired differences and the claims it tests (experiments/table
 main table's baseline without training it twice, and its wall time counts only its own runs.
 
 Runs live in runs/reproduce/<name>/<label>-s<seed>/ and are kept between invocations:
-- a finished run is reused when its config and code match this checkout (the rule, with
-  its result-neutral commits, is experiments/reuse.py); otherwise it is moved aside to
-  runs/reproduce/<name>/.stale/ (never deleted) and run again, and the move is printed;
-- an unfinished run (killed, preempted) continues from its latest checkpoint, under the same
-  two conditions; so a killed `reproduce` resumes where it stopped.
+- a finished run is reused when its config and code match this checkout (the rule, with its result-neutral commits,
+  is experiments/reuse.py); otherwise it is moved aside to runs/reproduce/<name>/.stale/ (never deleted) and run
+  again, and the move is printed;
+- a killed or preempted run resumes from its latest checkpoint under the same two conditions: so does `reproduce`.
 Across machines: each finished run also leaves a record in results/run_records/<name>/<run>/
 (summary, config, run info, metrics, TensorBoard events, its load samples; model weights only
 where the spec's `record_weights` asks, for the figures that need them). Records are small and
@@ -52,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from experiments import reuse, tables  # noqa: E402
 from experiments import summary as summary_page  # noqa: E402
 from experiments.processes import last_epoch, launch_command, stop_runs  # noqa: E402
-from experiments.provenance import Sharing, provenance, table_wall_s  # noqa: E402
+from experiments.provenance import Sharing, provenance, run_cpus, table_wall_s  # noqa: E402
 from swa_lib.config import ConfigError, load_config  # noqa: E402
 from swa_lib.workload import model_names  # noqa: E402
 
@@ -333,9 +332,10 @@ def reproduce(name: str, jobs: int | None, keep: str = "all", render_only: bool 
     # Rows from another table (tables.load_spec) count in that table's time, not in this one's.
     own = {k: v for k, v in summaries.items() if runs[k].table == name}
     table_s = table_wall_s(own, {k: (runs[k].dir, runs[k].load_file) for k in own}, at_once)
-    lines = provenance(spec, name, lambda label, seed: runs[(label, seed)].dir, summaries, elapsed,
-                       at_once, threads, sharing, table_s)
-    markdown, numbers = tables.render(spec, summaries, lines, make_plots(spec, name, summaries))
+    dir_of = {(j.label, j.seed): j.dir for j in runs.values()}
+    lines = provenance(spec, name, lambda *key: dir_of[key], summaries, elapsed, at_once, threads, sharing, table_s)
+    markdown, numbers = tables.render(spec, summaries, lines, make_plots(spec, name, summaries),
+                                      cpus=run_cpus(lambda *key: dir_of[key], summaries))
     numbers.update(spec=name, output=spec["output"], elapsed_s=elapsed,
                    run_wall_s=sum(s["final"]["wall_s"] for s in summaries.values()),
                    table_wall_s=table_s, jobs_at_once=at_once,

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from experiments.tables import mean_std
+from experiments.tables import CROSS_CPU, mean_std
 
 BUDGET_S = 2 * 3600.0  # a table's budget on the 2-core machine (issue 13)
 RULE = ("holds: every seed's paired difference has the sign the claim predicts (or, for a claim of no "
@@ -64,7 +64,7 @@ def verdict(diffs: list[float], expect: str) -> str:
 
 def claim_rows(root: Path, spec_names: list[str]) -> tuple[list[str], dict[str, float], list[str]]:
     """The claims' rows, each written table's wall time in seconds, and what is not yet produced."""
-    lines, seconds, missing = [], {}, []
+    lines, seconds, missing, crossed = [], {}, [], False
     for name in spec_names:
         spec = yaml.safe_load((root / "configs" / "reproduce" / f"{name}.yaml").read_text())
         numbers_path = (root / spec["output"]).with_suffix(".json")
@@ -86,16 +86,20 @@ def claim_rows(root: Path, spec_names: list[str]) -> tuple[list[str], dict[str, 
         names_of = {c["claim"]: c.get("names") for c in spec.get("claims", [])}
         for claim in numbers.get("claims", []):
             diffs = list(claim["per_seed"].values())
+            mixed = {str(s) for s in claim.get("cross_cpu_seeds", [])}
+            marks = ["†" if str(s) in mixed else "" for s in claim["per_seed"]]
+            crossed = crossed or bool(mixed)
             name_a, name_b = names_of.get(claim["claim"]) or [r.partition("@")[0] for r in claim["difference"]]
             counts = all(float(v).is_integer() for v in [*claim["a"].values(), *claim["b"].values()])
             fmt = "{:.0f}" if counts else "{:.2f}"  # steps are counts; accuracies have two decimals
             ours = (f"{name_a}: {mean_std(list(claim['a'].values()), fmt)}; "
                     f"{name_b}: {mean_std(list(claim['b'].values()), fmt)}; "
-                    f"difference {mean_std(diffs, fmt)} ({', '.join(fmt.replace(':', ':+').format(d) for d in diffs)})")
+                    f"difference {mean_std(diffs, fmt)} "
+                    f"({', '.join(fmt.replace(':', ':+').format(d) + m for d, m in zip(diffs, marks))})")
             note = f" {claim['note']}" if claim.get("note") else ""
             lines.append(f"| {claim['claim']}{note} | {claim['paper']} ({claim['paper_status']}) | {ours} | "
                          f"**{verdict(diffs, claim['expect'])}** | [{link}]({link}) |")
-    return lines, seconds, missing
+    return lines + (["", CROSS_CPU] if crossed else []), seconds, missing
 
 
 def table_seconds(numbers: dict) -> float:

@@ -126,8 +126,20 @@ class Table:
         return {s: va[s] - vb[s] for s in seeds}
 
 
-def render(spec: dict, summaries: dict, provenance: list[str], plots: list[str]) -> tuple[str, dict]:
-    """The table's markdown (without a Discussion) and its machine-readable numbers."""
+CROSS_CPU = ("† the two runs of this seed trained on different CPU models (family/model/stepping in the provenance): "
+             "its difference also carries the cross-machine noise of README.md, What is reproducible.")
+
+
+def cross_cpu(cpus: dict | None, a: str, b: str, seeds) -> list[int]:
+    """The seeds whose runs of refs `a` and `b` trained on different CPU models."""
+    la, lb = a.partition("@")[0], b.partition("@")[0]
+    return [s for s in seeds if cpus and cpus.get((la, s), "?") != cpus.get((lb, s), "?")]
+
+
+def render(spec: dict, summaries: dict, provenance: list[str], plots: list[str],
+           cpus: dict | None = None) -> tuple[str, dict]:
+    """The table's markdown (without a Discussion) and its machine-readable numbers. `cpus`:
+    {(label, seed): CPU model} of each run; a paired difference across two models is marked †."""
     t = Table(spec, summaries)
     what = "test error %" if t.error else "test acc %"
     extra = spec.get("extra_columns", {})
@@ -153,19 +165,24 @@ def render(spec: dict, summaries: dict, provenance: list[str], plots: list[str])
                      f"{mean_std(wall)} | {', '.join(f'{v:.2f}' for v in result.values())} |")
         numbers["rows"][label] = {"per_seed": result, "wall_s": wall}
     if spec.get("paired"):
+        marked = False
         lines += ["", "Paired differences (same seed; percentage points):", "",
                   "| difference | mean ± std | per seed |", "|---|---|---|"]
         for a, b, *title in spec["paired"]:  # an optional third entry names the difference
             diff = t.difference(a, b)
             name = title[0] if title else f"{a} − {b}"
-            per_seed = ", ".join(f"{d:+.2f}" for d in diff.values())
+            mixed = cross_cpu(cpus, a, b, diff)
+            per_seed = ", ".join(f"{d:+.2f}" + "†" * (s in mixed) for s, d in diff.items())
             lines.append(f"| {name} | {mean_std(list(diff.values()))} | {per_seed} |")
-            numbers["paired"][name] = {"a": a, "b": b, "per_seed": diff}
+            numbers["paired"][name] = {"a": a, "b": b, "per_seed": diff, "cross_cpu_seeds": mixed}
+            marked = marked or bool(mixed)
+        lines += ["", CROSS_CPU] if marked else []
     numbers["claims"] = []
     for claim in spec.get("claims", []):
         a, b = claim["difference"]
         diff = t.difference(a, b)
-        numbers["claims"].append(dict(claim, per_seed=diff, a=t.values(a, list(diff)), b=t.values(b, list(diff))))
+        numbers["claims"].append(dict(claim, per_seed=diff, a=t.values(a, list(diff)), b=t.values(b, list(diff)),
+                                      cross_cpu_seeds=cross_cpu(cpus, a, b, diff)))
     return "\n".join(lines + plots + ["", "## Provenance", "", *provenance]) + "\n", numbers
 
 

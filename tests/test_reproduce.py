@@ -51,6 +51,28 @@ def test_paired_differences_and_percent_or_error():
     assert error.values("A@model/acc") == {0: pytest.approx(20.0), 1: pytest.approx(10.0)}
 
 
+def test_a_paired_difference_across_two_cpu_models_is_marked_in_the_table_and_the_summary(tmp_path):
+    spec = {"title": "t", "seeds": [0, 1], "rows": [{"label": "A"}, {"label": "B"}],
+            "paired": [["A", "B", "A − B"], ["A", "A@model/acc", "A − its model"]],
+            "claims": [{"claim": "A beats B", "paper": "p", "paper_status": "verified",
+                        "difference": ["A@model/acc", "B"], "expect": "positive"}]}
+    runs = {(label, seed): fake_summary(0.8 + seed * 0.015) for label in "AB" for seed in (0, 1)}
+    cpus = {("A", 0): "25/17/1", ("B", 0): "25/17/1", ("A", 1): "25/17/1", ("B", 1): "6/207/2"}
+    markdown, numbers = tables.render(spec, runs, [], [], cpus=cpus)
+    assert "| A − B | 0.00 ± 0.00 | +0.00, +0.00† |" in markdown, markdown
+    assert "| A − its model | -1.75 ± 1.06 | -1.00, -2.50 |" in markdown  # one run: one machine
+    assert tables.CROSS_CPU in markdown and numbers["claims"][0]["cross_cpu_seeds"] == [1]
+    same, _ = tables.render(spec, runs, [], [], cpus={k: "25/17/1" for k in cpus})
+    assert "†" not in same and tables.render(spec, runs, [], [])[0] == same  # unknown: nothing claimed
+    (tmp_path / "configs" / "reproduce").mkdir(parents=True)
+    (tmp_path / "configs" / "reproduce" / "t.yaml").write_text(yaml.safe_dump({**spec, "output": "results/t.md"}))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "t.json").write_text(json.dumps({**numbers, "elapsed_s": 60}))
+    page = summary.write(tmp_path, ["t"]).read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| A beats B"))
+    assert "(+1.00, +2.50†)" in row and tables.CROSS_CPU in page, row
+
+
 @pytest.mark.parametrize("diffs, expect, verdict", [
     ([0.2, 0.1, 0.4], "positive", "holds"),
     ([0.5, -0.1, 0.4], "positive", "partly"),
