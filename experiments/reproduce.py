@@ -60,19 +60,14 @@ RUNS = ROOT / "runs" / "reproduce"
 RECORDS = ROOT / "results" / "run_records"
 
 
-def run_dir_name(label: str, seed: int) -> str:
-    """A row label may hold '/' (e.g. "K=1 (SGD / offline-only)"); a run directory may not."""
-    return f"{label.replace('/', '-')}-s{seed}"
-
-
 class Job:
     """One (row, seed) run of a table."""
 
     def __init__(self, spec: dict, name: str, row: dict, seed: int):
         self.row, self.seed, self.label = row, seed, row["label"]
         self.table = row.get("from_table", name)  # whose run this is (tables.load_spec)
-        self.dir = RUNS / self.table / run_dir_name(self.label, seed)
-        self.record = RECORDS / self.table / run_dir_name(self.label, seed)
+        self.dir = RUNS / self.table / tables.run_dir_name(self.label, seed)
+        self.record = RECORDS / self.table / tables.run_dir_name(self.label, seed)
         self.recorded = spec["output"].startswith("results/")  # smoke tables (under runs/) leave no record
         # The figures that need weights (swap_plots.error_plane) read the first seed's only.
         self.keep_weights = bool(row.get("record_weights")) and seed == row.get(

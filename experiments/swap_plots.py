@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E402
 
-from experiments.tables import mean_std  # noqa: E402
+from experiments.tables import mean_std, run_dir_name  # noqa: E402
 from swa_lib.averaging import evaluate, update_bn_  # noqa: E402
 from swa_lib.config import load_config  # noqa: E402
 from swa_lib.methods.base import DataShard  # noqa: E402
@@ -33,7 +33,7 @@ COLORS = {"SB": "tab:blue", "LB": "tab:orange", "SWAP": "tab:green", "SWAP long 
 
 
 def _run_dir(run_base: Path, label: str, seed: int) -> Path:
-    return run_base / f"{label.replace('/', '-')}-s{seed}"  # as experiments/reproduce.run_dir_name
+    return run_base / run_dir_name(label, seed)
 
 
 def accuracy_vs_time(spec, summaries, run_base, results_dir, seed=None):

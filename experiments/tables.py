@@ -21,6 +21,7 @@ table's baseline without training it twice, so each table keeps its own time bud
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -31,6 +32,12 @@ SPECS = Path(__file__).resolve().parents[1] / "configs" / "reproduce"
 
 class SpecError(ValueError):
     """A table spec that cannot be used as written (the message names the spec and the row)."""
+
+
+def run_dir_name(label: str, seed: int) -> str:
+    """The directory of a row's run: the label with each stretch of characters other than letters,
+    digits, '.', '=' and '-' made one '_', so no path holds a space, '/' or a parenthesis."""
+    return f"{re.sub(r'[^A-Za-z0-9.=-]+', '_', label).strip('_')}-s{seed}"
 
 
 def load_spec(name: str, specs: Path = SPECS) -> dict:

@@ -40,6 +40,13 @@ def test_refs_read_final_values_history_points_and_steps_to_final():
         tables.metric_value(s, "ema/acc@e7")
 
 
+def test_run_directories_hold_no_space_slash_or_parenthesis():
+    assert tables.run_dir_name("SGD", 0) == "SGD-s0"
+    assert tables.run_dir_name("K=1 (SGD / offline-only)", 2) == "K=1_SGD_offline-only-s2"
+    assert tables.run_dir_name("SWA + dense average", 1) == "SWA_dense_average-s1"
+    assert tables.run_dir_name("LB (2 x 1,024)", 0) == "LB_2_x_1_024-s0"
+
+
 def test_paired_differences_and_percent_or_error():
     spec = {"title": "t", "seeds": [0, 1], "rows": [{"label": "A"}, {"label": "B", "seeds": [1]}]}
     runs = {("A", 0): fake_summary(0.8), ("A", 1): fake_summary(0.9), ("B", 1): fake_summary(0.6)}

@@ -52,7 +52,7 @@ def test_a_row_from_another_table_is_that_tables_row_and_run(tmp_path, monkeypat
     assert jobs[("SGD", 1)].dir == main_sgd.dir == tmp_path / "runs" / "main" / "SGD-s1"
     assert jobs[("SGD", 1)].record == tmp_path / "records" / "main" / "SGD-s1"
     assert jobs[("SGD", 1)].config == main_sgd.config  # the same run, so the same resolved config
-    assert jobs[("SWA late", 0)].dir == tmp_path / "runs" / "ablation" / "SWA late-s0"
+    assert jobs[("SWA late", 0)].dir == tmp_path / "runs" / "ablation" / "SWA_late-s0"
 
 
 @pytest.mark.parametrize("row, seeds, message", [
@@ -105,8 +105,8 @@ def test_an_ablation_table_renders_from_the_main_tables_runs_and_counts_only_its
     (tmp_path / "results" / "ablation.json").unlink()
     _, _, missing = summary.claim_rows(tmp_path, ["ablation"])
     assert missing == ["`ablation` (no results/ablation.json: run `./run.sh reproduce ablation`)"]
-    (tmp_path / "results" / "run_records" / "ablation" / "SWA late-s0").mkdir(parents=True)
-    (tmp_path / "results" / "run_records" / "ablation" / "SWA late-s0" / "summary.json").write_text("{}")
+    (tmp_path / "results" / "run_records" / "ablation" / "SWA_late-s0").mkdir(parents=True)
+    (tmp_path / "results" / "run_records" / "ablation" / "SWA_late-s0" / "summary.json").write_text("{}")
     _, _, missing = summary.claim_rows(tmp_path, ["ablation"])
     assert "1 of its 2 runs recorded" in missing[0]
 

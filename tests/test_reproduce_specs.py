@@ -26,6 +26,8 @@ def test_every_table_spec_is_well_formed(spec_path):
     spec = tables.load_spec(spec_path.stem)  # a row from another table (from_table) resolves to that row
     labels = [row["label"] for row in spec["rows"]]
     assert len(labels) == len(set(labels)), f"duplicate row labels in {spec_path.name}"
+    dirs = {tables.run_dir_name(row["label"], 0) for row in spec["rows"]}  # two labels, one directory?
+    assert len(dirs) == len(labels), f"two row labels of {spec_path.name} share a run directory: {sorted(dirs)}"
     assert spec["output"].endswith(".md")
     if not spec_path.stem.startswith("smoke_"):  # smoke tables write under runs/, never results/
         assert spec["output"].startswith("results/")

@@ -18,7 +18,7 @@ def summary(run: str) -> dict:
 
 
 def test_in_process_workers_count_as_parallel_in_the_model():
-    swap = summary("SWAP 9 + 3 ep LR 0.05-s0")  # 4 workers on 2 processes
+    swap = summary("SWAP_9_3_ep_LR_0.05-s0")  # 4 workers on 2 processes
     f = swap["final"]
     assert swap["world_size"] == 2 and models_per_process(swap) == 2
     # Phase 2 ran 2 workers one after another on each process: the model halves its seconds.
@@ -38,12 +38,12 @@ def test_steps_per_phase_split_at_the_evaluated_phase_switches():
     assert sum(_phase_steps(swap).values()) == swap["steps"]  # the critical path
     sparse = {**swap, "history": [h for h in swap["history"] if h["phase"] != "phase1"]}  # no phase-1 evaluation
     assert _phase_steps(sparse) == {"phase1": 8 * 24, "phase2": 3 * 390}
-    sb = summary("SB 2 x 64 12 ep-s0")
+    sb = summary("SB_2_x_64_12_ep-s0")
     assert _phase_steps(sb) == {"train": sb["steps"]}
 
 
 def test_plain_data_parallel_runs_are_their_measured_seconds_with_a_core_each():
-    sb = summary("SB 2 x 64 12 ep-s0")
+    sb = summary("SB_2_x_64_12_ep-s0")
     assert models_per_process(sb) == 1
     assert modelled_train_s(sb, processes=2, cores=2) == pytest.approx(sb["final"]["time/train"])
     assert modelled_train_s(sb, processes=4, cores=2) == pytest.approx(sb["final"]["time/train"] / 2)
