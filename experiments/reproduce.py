@@ -12,7 +12,7 @@ processes per run, paired differences and the claims it tests (experiments/table
 `{label: LB, from_table: swap}` is another table's runs: an ablation table compares against the
 main table's baseline without training it twice, and its wall time counts only its own runs.
 
-Runs live in runs/reproduce/<name>/<label>-s<seed>/ and are kept between invocations:
+Runs live in runs/reproduce/<name>/<label>-s<seed>/ (label spaces as _) and are kept between invocations:
 - a finished run is reused when its config and code match this checkout (the rule, with its result-neutral commits,
   is experiments/reuse.py); otherwise it is moved aside to runs/reproduce/<name>/.stale/ (never deleted) and run
   again, and the move is printed;
