@@ -138,9 +138,10 @@ CROSS_CPU = ("† the two runs of this seed trained on different CPU models (fam
 
 
 def cross_cpu(cpus: dict | None, a: str, b: str, seeds) -> list[int]:
-    """The seeds whose runs of refs `a` and `b` trained on different CPU models."""
+    """The seeds whose runs of refs `a` and `b` trained on different CPU models, both recorded."""
     la, lb = a.partition("@")[0], b.partition("@")[0]
-    return [s for s in seeds if cpus and cpus.get((la, s), "?") != cpus.get((lb, s), "?")]
+    known = [(cpus.get((la, s), "?"), cpus.get((lb, s), "?")) for s in seeds] if cpus else []
+    return [s for s, (x, y) in zip(seeds, known) if "?" not in (x, y) and x != y]
 
 
 def render(spec: dict, summaries: dict, provenance: list[str], plots: list[str],

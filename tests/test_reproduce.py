@@ -71,6 +71,7 @@ def test_a_paired_difference_across_two_cpu_models_is_marked_in_the_table_and_th
     assert tables.CROSS_CPU in markdown and numbers["claims"][0]["cross_cpu_seeds"] == [1]
     same, _ = tables.render(spec, runs, [], [], cpus={k: "25/17/1" for k in cpus})
     assert "†" not in same and tables.render(spec, runs, [], [])[0] == same  # unknown: nothing claimed
+    assert tables.cross_cpu({**cpus, ("B", 1): "?"}, "A", "B", [0, 1]) == []  # one unrecorded: not claimed
     (tmp_path / "configs" / "reproduce").mkdir(parents=True)
     (tmp_path / "configs" / "reproduce" / "t.yaml").write_text(yaml.safe_dump({**spec, "output": "results/t.md"}))
     (tmp_path / "results").mkdir()
